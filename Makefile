@@ -1,0 +1,27 @@
+# `make test` and `make demo` set everything up on a fresh machine (Python 3.11 + pip).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo model clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+model: setup
+	test -f models/tiny-sdxl/model_index.json || $(PY) -m flatlora_diffusion.default_model models/tiny-sdxl
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m flatlora_diffusion.demo
+
+clean:
+	rm -rf outputs demo_data models
