@@ -1,0 +1,356 @@
+"""DreamBooth LoRA training for SDXL under Flat-LoRA: setup, then one readable loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from . import __version__
+from .atomic import atomic_file
+from .batches import Batch, BatchMaker, ExampleStream
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .conditioning import PromptEmbeds
+from .config import TrainConfig
+from .data import derived_seed, load_examples
+from .default_model import DEFAULT_MODEL_DIR, ensure_default_model
+from .errors import UserError
+from .flat_lora import FlatLora
+from .lora import LoraOptions, add_text_encoder_lora, add_unet_lora
+from .losses import noisy_inputs, per_sample_mse, prediction_target
+from .metrics import MetricsLog
+from .models import SDXLParts, freeze_precision, load_sdxl
+from .prior import existing_class_images, generate_class_images
+from .validation import pipeline_from_parts, sample_images
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, folder: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {folder}")
+        self.step, self.folder = step, folder
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    accelerator: Accelerator
+    parts: SDXLParts
+    trained: dict[str, torch.nn.Module]
+    flat: FlatLora
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    batches: BatchMaker
+    instances: ExampleStream
+    classes: ExampleStream | None
+    total_steps: int
+    start_step: int = 0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+# ------------------------------------------------------------------ setup
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse to mix two runs in one folder; resuming needs the folder's own checkpoints."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} exists and is not a folder")
+    if config.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output_dir {out} already holds files of another run; choose a new folder "
+                        "or pass --resume_from_checkpoint latest")
+
+
+def resolve_model_path(config: TrainConfig) -> str:
+    if config.pretrained_model_name_or_path:
+        return config.pretrained_model_name_or_path
+    return str(ensure_default_model(DEFAULT_MODEL_DIR))
+
+
+def count_total_steps(config: TrainConfig, n_samples: int, world_size: int) -> int:
+    if config.max_train_steps:
+        return config.max_train_steps
+    per_step = config.train_batch_size * config.gradient_accumulation_steps * world_size
+    return config.num_train_epochs * math.ceil(n_samples / per_step)
+
+
+def prepare_class_images(config: TrainConfig, parts: SDXLParts, accelerator: Accelerator) -> None:
+    folder = Path(config.class_data_dir)
+    if len(existing_class_images(folder)) >= config.num_class_images:
+        return
+    pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder, parts.text_encoder_2)
+    with accelerator.autocast():
+        generate_class_images(pipe, folder, config.class_prompt, config.num_class_images, config.sample_batch_size,
+                              config.resolution, config.seed, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+
+
+def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Module]:
+    options = LoraOptions(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout)
+    trained = {"unet": add_unet_lora(parts.unet, options)}
+    if config.train_text_encoder:
+        trained["text_encoder"] = add_text_encoder_lora(parts.text_encoder, options)
+        trained["text_encoder_2"] = add_text_encoder_lora(parts.text_encoder_2, options)
+    if config.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in trained:
+                trained[name].gradient_checkpointing_enable()
+    return trained
+
+
+def build_optimizer(config: TrainConfig, trained: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
+    groups = []
+    for name, model in trained.items():
+        lr = config.learning_rate if name == "unet" else (config.text_encoder_lr or config.learning_rate)
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": lr})
+    return torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+def setup(config: TrainConfig) -> Run:
+    check_output_dir(config)
+    instance_examples = load_examples(config.instance_data_dir, config.instance_prompt, config.caption_extension)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
+                              project_dir=config.output_dir)
+    set_seed(config.seed)  # only dropout reads the global RNG; its state is checkpointed
+    parts = load_sdxl(resolve_model_path(config), config.pretrained_vae_model_name_or_path)
+    freeze_precision(parts, DTYPES[config.mixed_precision], config.pretrained_vae_model_name_or_path is not None)
+    for model in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        model.to(accelerator.device)
+    classes = None
+    if config.with_prior_preservation:
+        prepare_class_images(config, parts, accelerator)
+        classes = ExampleStream(load_examples(config.class_data_dir, config.class_prompt, config.caption_extension,
+                                              what="class"), derived_seed("class-order", config.seed))
+    trained = attach_lora(config, parts)
+    optimizer = build_optimizer(config, trained)
+    instances = ExampleStream(instance_examples, config.seed, config.repeats)
+    total = count_total_steps(config, len(instances), accelerator.num_processes)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=total, num_cycles=config.lr_num_cycles, power=config.lr_power)
+    flat = FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total,
+                    seed=config.noise_seed, rank=accelerator.process_index)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    trained = dict(zip(trained, prepared[:-1]))
+    encoders = [trained["text_encoder"], trained["text_encoder_2"]] if config.train_text_encoder else None
+    batches = BatchMaker(parts, config, accelerator.device, DTYPES[config.mixed_precision], encoders)
+    run = Run(config, accelerator, parts, trained, flat, prepared[-1], lr_scheduler, batches, instances, classes,
+              total)
+    maybe_resume(run)
+    return run
+
+
+def maybe_resume(run: Run) -> None:
+    if run.config.resume_from_checkpoint is None:
+        return
+    folder = resolve_checkpoint(run.output_dir, run.config.resume_from_checkpoint)
+    state = load_checkpoint(folder, unwrapped(run), run.optimizer, run.lr_scheduler)
+    run.start_step = state["step"]
+    if run.start_step > run.total_steps:
+        raise UserError(f"{folder} is at step {run.start_step}, beyond --max_train_steps {run.total_steps}")
+    run.accelerator.print(f"resumed from {folder} at step {run.start_step}")
+
+
+def unwrapped(run: Run) -> dict[str, torch.nn.Module]:
+    return {name: run.accelerator.unwrap_model(model) for name, model in run.trained.items()}
+
+
+# ------------------------------------------------------------------ one optimizer step
+
+def micro_batch(run: Run, step: int, micro: int) -> tuple[Batch, PromptEmbeds, int, torch.Generator]:
+    """The samples of (step, micro) for this process, and a generator for its noise/timesteps."""
+    cfg, acc = run.config, run.accelerator
+    first = ((step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index)
+    positions = [first * cfg.train_batch_size + j for j in range(cfg.train_batch_size)]
+    generator = torch.Generator().manual_seed(derived_seed("step", cfg.seed, step, micro, acc.process_index))
+    batch = run.batches.batch(run.instances, positions, generator)
+    n_instance = len(positions)
+    if run.classes is not None:
+        prior = run.batches.batch(run.classes, positions, generator)
+        batch = Batch(torch.cat([batch.latents, prior.latents]), batch.prompts + prior.prompts,
+                      torch.cat([batch.time_ids, prior.time_ids]))
+    with run.accelerator.autocast():  # text encoders in the training precision; the VAE ran outside
+        embeds = run.batches.embeds(batch.prompts)
+    return batch, embeds, n_instance, generator
+
+
+def compute_loss(run: Run, batch: Batch, embeds: PromptEmbeds, n_instance: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    scheduler = run.parts.noise_scheduler
+    noise, timesteps, noisy = noisy_inputs(scheduler, batch.latents, generator)
+    with run.accelerator.autocast():
+        prediction = run.trained["unet"](
+            noisy, timesteps, embeds.hidden,
+            added_cond_kwargs={"text_embeds": embeds.pooled, "time_ids": batch.time_ids}).sample
+    losses = per_sample_mse(prediction, prediction_target(scheduler, batch.latents, noise, timesteps))
+    loss = losses[:n_instance].mean()
+    if run.classes is not None:
+        loss = loss + run.config.prior_loss_weight * losses[n_instance:].mean()
+    return loss
+
+
+def optimizer_step(run: Run, step: int) -> float:
+    """All micro-batches of one optimizer step under one Flat-LoRA noise draw, then the update."""
+    cfg, acc = run.config, run.accelerator
+    total = 0.0
+    with run.flat.perturb(step):
+        for micro in range(cfg.gradient_accumulation_steps):
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else no_sync(run):
+                batch, embeds, n_instance, generator = micro_batch(run, step, micro)
+                loss = compute_loss(run, batch, embeds, n_instance, generator) / cfg.gradient_accumulation_steps
+                acc.backward(loss)
+            total += loss.item()
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_([p for m in run.trained.values() for p in m.parameters() if p.requires_grad],
+                            cfg.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def no_sync(run: Run) -> contextlib.ExitStack:
+    """Skip the gradient all-reduce of every trained model on all but the last micro-batch."""
+    stack = contextlib.ExitStack()
+    for model in run.trained.values():
+        stack.enter_context(run.accelerator.no_sync(model))
+    return stack
+
+
+# ------------------------------------------------------------------ the loop
+
+def train(config: TrainConfig) -> Path:
+    """Run the whole job; returns the output folder. User errors raise UserError."""
+    run = setup(config)
+    acc = run.accelerator
+    if acc.is_main_process:
+        write_json(run.output_dir / "config.json", resolved_config(run))
+    log = MetricsLog(run.output_dir / "metrics.jsonl", run.start_step) if acc.is_main_process else None
+    if config.report_to:
+        acc.init_trackers("flatlora-dreambooth", config={k: str(v) for k, v in config.to_dict().items()})
+    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
+               desc="training", disable=not acc.is_main_process)
+    with stop_on_signals() as stop:
+        for step in bar:
+            started = time.perf_counter()
+            loss = acc.reduce(torch.tensor(optimizer_step(run, step), device=acc.device), "mean").item()
+            sigma_t = run.flat.sigma_at(step)
+            bar.set_postfix(loss=f"{loss:.4f}", sigma_t=f"{sigma_t:.4f}")
+            record(run, log, step + 1, loss, sigma_t, time.perf_counter() - started)
+            after_step(run, step + 1, stop)
+    finish(run)
+    acc.end_training()
+    return run.output_dir
+
+
+def record(run: Run, log: MetricsLog | None, step: int, loss: float, sigma_t: float, seconds: float) -> None:
+    values = dict(step=step, loss=loss, lr=run.lr_scheduler.get_last_lr()[0], sigma_t=sigma_t, seconds=seconds)
+    if log is not None:
+        log.write(**values)
+    if run.config.report_to:
+        run.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=step)
+
+
+def after_step(run: Run, step: int, stop: dict) -> None:
+    """Checkpoints, samples and a clean stop on Ctrl-C/SIGTERM, between optimizer steps."""
+    cfg = run.config
+    if step % cfg.checkpointing_steps == 0 or stop["signal"]:
+        folder = checkpoint(run, step)
+        if stop["signal"]:
+            raise Interrupted(step, folder)
+    if cfg.validation_steps and step % cfg.validation_steps == 0 and step < run.total_steps:
+        validate(run, f"step{step:06d}")
+
+
+def checkpoint(run: Run, step: int) -> Path:
+    folder = run.output_dir / f"checkpoint-{step}"
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.output_dir, step, unwrapped(run), run.optimizer, run.lr_scheduler,
+                        total_limit=run.config.checkpoints_total_limit)
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def validate(run: Run, tag: str) -> list[Path]:
+    cfg = run.config
+    if not cfg.validation_prompt or not run.accelerator.is_main_process:
+        return []
+    models = unwrapped(run)
+    pipe = pipeline_from_parts(run.parts, models["unet"], models.get("text_encoder", run.parts.text_encoder),
+                               models.get("text_encoder_2", run.parts.text_encoder_2))
+    with run.accelerator.autocast():
+        return sample_images(pipe, cfg.validation_prompt, cfg.num_validation_images, cfg.seed,
+                             cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
+                             run.output_dir / "samples", tag)
+
+
+def finish(run: Run) -> None:
+    """Final samples, both LoRA files, the model card: written by the main process only."""
+    from .export import save_lora_files
+    from .model_card import write_model_card
+
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return
+    models = unwrapped(run)
+    samples = validate(run, "final")
+    save_lora_files(run.output_dir, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
+                    lora=LoraOptions(rank=run.config.rank, alpha=run.config.alpha, dropout=run.config.lora_dropout),
+                    metadata=training_metadata(run))
+    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples)
+
+
+def training_metadata(run: Run) -> dict[str, str]:
+    cfg = run.config
+    return {"ss_steps": str(run.total_steps), "ss_learning_rate": str(cfg.learning_rate),
+            "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_seed": str(cfg.seed),
+            "ss_base_model": resolve_model_path(cfg), "ss_text_encoder_lr": str(cfg.text_encoder_lr or ""),
+            "flatlora_sigma": str(cfg.flat_sigma), "flatlora_schedule": cfg.flat_schedule,
+            "flatlora_seed": str(cfg.noise_seed), "flatlora_diffusion_version": __version__,
+            "instance_prompt": cfg.instance_prompt}
+
+
+def resolved_config(run: Run) -> dict:
+    values = run.config.to_dict()
+    values.update(pretrained_model_name_or_path=resolve_model_path(run.config), total_steps=run.total_steps,
+                  num_processes=run.accelerator.num_processes, flatlora_diffusion_version=__version__)
+    return values
+
+
+def write_json(path: Path, values: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn Ctrl-C/SIGTERM into a flag the loop reads between steps (then checkpoint and stop)."""
+    stop = {"signal": None}
+
+    def handler(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
