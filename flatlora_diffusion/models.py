@@ -93,6 +93,8 @@ def _load_parts(source: str, vae_source: str | None) -> SDXLParts:
 
 def freeze_precision(parts: SDXLParts, dtype: torch.dtype, vae_is_fp16_safe: bool) -> None:
     """Frozen weights in the training precision; the stock SDXL VAE stays fp32 (fp16 NaNs)."""
-    for model in (parts.unet, parts.text_encoder, parts.text_encoder_2):
-        model.to(dtype=dtype)
-    parts.vae.to(dtype=dtype if vae_is_fp16_safe else torch.float32)
+    vae_dtype = dtype if vae_is_fp16_safe else torch.float32
+    for model, wanted in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.text_encoder_2, dtype),
+                          (parts.vae, vae_dtype)):
+        if model.dtype != wanted:
+            model.to(dtype=wanted)
