@@ -31,11 +31,16 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(output_dir: Path, step: int, models, optimizer, lr_scheduler, extra: dict | None = None,
-                    total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically, then prune the oldest beyond `total_limit`."""
+                    total_limit: int | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint-<step> atomically, then prune the oldest beyond `total_limit`.
+
+    `tensors`: further named tensor sets (e.g. the EMA weights), saved as `<name>.safetensors`.
+    """
     folder = Path(output_dir) / f"checkpoint-{step}"
     with atomic_directory(folder) as tmp:
         save_file(trainable_state(models), tmp / "lora_params.safetensors")
+        for name, values in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp / f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         torch.save({"cpu": torch.get_rng_state(),
@@ -78,3 +83,10 @@ def load_checkpoint(folder: Path, models, optimizer, lr_scheduler) -> dict:
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((folder / "state.json").read_text())
+
+
+def load_checkpoint_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    path = Path(folder) / f"{name}.safetensors"
+    if not path.is_file():
+        raise UserError(f"{folder} has no {name} state (was it saved without that option?)")
+    return load_file(path)

@@ -67,6 +67,13 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    optimizer: str = _f("adamw", "optimizer (prodigy needs the prodigyopt package; use --learning_rate 1.0)",
+                        choices=("adamw", "prodigy"))
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (CUDA only)")
+    snr_gamma: float | None = _f(None, "Min-SNR weighting gamma (5.0 is the paper's value); off by default")
+    noise_offset: float = _f(0.0, "std of the per-channel noise offset (e.g. 0.05); 0 = off")
+    ema_decay: float | None = _f(None, "keep an EMA of the LoRA weights with this decay and export it as the main file")
+    aspect_buckets: bool = _f(False, "train on aspect-ratio buckets of about resolution^2 pixels instead of square crops")
     mixed_precision: str = _f("no", "precision of the frozen base; LoRA stays fp32", choices=("no", "fp16", "bf16"))
     seed: int = _f(0, "seed of data order, augmentation, noise and timesteps")
     # outputs, validation, checkpoints
@@ -123,6 +130,14 @@ class TrainConfig:
             raise UserError("--with_prior_preservation needs --class_data_dir and --class_prompt")
         if self.text_encoder_lr is not None and not self.train_text_encoder:
             raise UserError("--text_encoder_lr is set but --train_text_encoder is not")
+        if self.use_8bit_adam and self.optimizer != "adamw":
+            raise UserError("--use_8bit_adam is an AdamW variant; it cannot be combined with --optimizer prodigy")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"--snr_gamma must be > 0, got {self.snr_gamma}")
+        if self.noise_offset < 0:
+            raise UserError(f"--noise_offset must be >= 0, got {self.noise_offset}")
         if self.validation_steps is not None and not self.validation_prompt:
             raise UserError("--validation_steps is set but no --validation_prompt is given")
 

@@ -24,6 +24,8 @@ Trained with flatlora-diffusion on `{base}`. Trigger prompt: **{prompt}**
 | steps / learning rate / resolution | {steps} / {lr} / {resolution} |
 | text encoders trained | {te} |
 | prior preservation | {prior} |
+| optimizer / Min-SNR gamma / noise offset | {optimizer} / {snr} / {offset} |
+| EMA decay (main file = EMA weights) / aspect buckets | {ema} / {buckets} |
 
 {samples}
 
@@ -57,6 +59,8 @@ def write_model_card(output_dir: Path, config, base: str, samples: list[Path]) -
         schedule=config.flat_schedule, seed=config.noise_seed, steps=config.max_train_steps or "epochs",
         lr=config.learning_rate, resolution=config.resolution, te=config.train_text_encoder,
         prior=config.with_prior_preservation,
+        optimizer="adamw-8bit" if config.use_8bit_adam else config.optimizer, snr=config.snr_gamma or "off",
+        offset=config.noise_offset or "off", ema=config.ema_decay or "off", buckets=config.aspect_buckets,
         samples=("## Samples (top row: base model, bottom row: with this LoRA, same seeds)\n\n" + rows) if samples else "")
     path = Path(output_dir) / "README.md"
     with atomic_file(path) as tmp:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import atomic_file
 from .batches import Batch, BatchMaker, ExampleStream
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkpoint, save_checkpoint
 from .conditioning import PromptEmbeds
 from .config import TrainConfig
 from .data import derived_seed, load_examples
@@ -27,9 +27,11 @@ from .default_model import DEFAULT_MODEL_DIR, ensure_default_model
 from .errors import UserError
 from .flat_lora import FlatLora
 from .lora import LoraOptions, add_text_encoder_lora, add_unet_lora
-from .losses import noisy_inputs, per_sample_mse, prediction_target
+from .ema import Ema
+from .losses import min_snr_weights, noisy_inputs, per_sample_mse, prediction_target
 from .metrics import MetricsLog
 from .models import SDXLParts, freeze_precision, load_sdxl
+from .optimizers import build_optimizer, check_optimizer_available
 from .prior import existing_class_images, generate_class_images
 from .validation import pipeline_from_parts, sample_images
 
@@ -58,6 +60,7 @@ class Run:
     classes: ExampleStream | None
     total_steps: int
     start_step: int = 0
+    ema: Ema | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -115,17 +118,17 @@ def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Mod
     return trained
 
 
-def build_optimizer(config: TrainConfig, trained: dict[str, torch.nn.Module]) -> torch.optim.Optimizer:
+def parameter_groups(config: TrainConfig, trained: dict[str, torch.nn.Module]) -> list[dict]:
     groups = []
     for name, model in trained.items():
         lr = config.learning_rate if name == "unet" else (config.text_encoder_lr or config.learning_rate)
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": lr})
-    return torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
-                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    return groups
 
 
 def setup(config: TrainConfig) -> Run:
     check_output_dir(config)
+    check_optimizer_available(config)
     instance_examples = load_examples(config.instance_data_dir, config.instance_prompt, config.caption_extension)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
                               project_dir=config.output_dir)
@@ -140,7 +143,7 @@ def setup(config: TrainConfig) -> Run:
         classes = ExampleStream(load_examples(config.class_data_dir, config.class_prompt, config.caption_extension,
                                               what="class"), derived_seed("class-order", config.seed))
     trained = attach_lora(config, parts)
-    optimizer = build_optimizer(config, trained)
+    optimizer = build_optimizer(config, parameter_groups(config, trained))
     instances = ExampleStream(instance_examples, config.seed, config.repeats)
     total = count_total_steps(config, len(instances), accelerator.num_processes)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -153,6 +156,8 @@ def setup(config: TrainConfig) -> Run:
     batches = BatchMaker(parts, config, accelerator.device, DTYPES[config.mixed_precision], encoders)
     run = Run(config, accelerator, parts, trained, flat, prepared[-1], lr_scheduler, batches, instances, classes,
               total)
+    if config.ema_decay is not None:
+        run.ema = Ema(unwrapped(run), decay=config.ema_decay)
     maybe_resume(run)
     return run
 
@@ -162,6 +167,8 @@ def maybe_resume(run: Run) -> None:
         return
     folder = resolve_checkpoint(run.output_dir, run.config.resume_from_checkpoint)
     state = load_checkpoint(folder, unwrapped(run), run.optimizer, run.lr_scheduler)
+    if run.ema is not None:
+        run.ema.load_state_dict(load_checkpoint_tensors(folder, "ema"))
     run.start_step = state["step"]
     if run.start_step > run.total_steps:
         raise UserError(f"{folder} is at step {run.start_step}, beyond --max_train_steps {run.total_steps}")
@@ -194,12 +201,14 @@ def micro_batch(run: Run, step: int, micro: int) -> tuple[Batch, PromptEmbeds, i
 def compute_loss(run: Run, batch: Batch, embeds: PromptEmbeds, n_instance: int,
                  generator: torch.Generator) -> torch.Tensor:
     scheduler = run.parts.noise_scheduler
-    noise, timesteps, noisy = noisy_inputs(scheduler, batch.latents, generator)
+    noise, timesteps, noisy = noisy_inputs(scheduler, batch.latents, generator, run.config.noise_offset)
     with run.accelerator.autocast():
         prediction = run.trained["unet"](
             noisy, timesteps, embeds.hidden,
             added_cond_kwargs={"text_embeds": embeds.pooled, "time_ids": batch.time_ids}).sample
     losses = per_sample_mse(prediction, prediction_target(scheduler, batch.latents, noise, timesteps))
+    if run.config.snr_gamma:
+        losses = losses * min_snr_weights(scheduler, timesteps, run.config.snr_gamma)
     loss = losses[:n_instance].mean()
     if run.classes is not None:
         loss = loss + run.config.prior_loss_weight * losses[n_instance:].mean()
@@ -224,6 +233,8 @@ def optimizer_step(run: Run, step: int) -> float:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
     return total
 
 
@@ -284,7 +295,8 @@ def checkpoint(run: Run, step: int) -> Path:
     folder = run.output_dir / f"checkpoint-{step}"
     if run.accelerator.is_main_process:
         save_checkpoint(run.output_dir, step, unwrapped(run), run.optimizer, run.lr_scheduler,
-                        total_limit=run.config.checkpoints_total_limit)
+                        total_limit=run.config.checkpoints_total_limit,
+                        tensors={"ema": run.ema.state_dict()} if run.ema is not None else None)
     run.accelerator.wait_for_everyone()
     return folder
 
@@ -311,10 +323,13 @@ def finish(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
     models = unwrapped(run)
+    options = LoraOptions(rank=run.config.rank, alpha=run.config.alpha, dropout=run.config.lora_dropout)
+    trained = (models["unet"], models.get("text_encoder"), models.get("text_encoder_2"))
+    if run.ema is not None:  # raw weights beside, the EMA weights become the main files and samples
+        save_lora_files(run.output_dir / "raw_weights", *trained, lora=options, metadata=training_metadata(run))
+        run.ema.copy_to_modules()
     samples = validate(run, "final")
-    save_lora_files(run.output_dir, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
-                    lora=LoraOptions(rank=run.config.rank, alpha=run.config.alpha, dropout=run.config.lora_dropout),
-                    metadata=training_metadata(run))
+    save_lora_files(run.output_dir, *trained, lora=options, metadata=training_metadata(run))
     write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples)
 
 
@@ -325,6 +340,10 @@ def training_metadata(run: Run) -> dict[str, str]:
             "ss_base_model": resolve_model_path(cfg), "ss_text_encoder_lr": str(cfg.text_encoder_lr or ""),
             "flatlora_sigma": str(cfg.flat_sigma), "flatlora_schedule": cfg.flat_schedule,
             "flatlora_seed": str(cfg.noise_seed), "flatlora_diffusion_version": __version__,
+            "ss_min_snr_gamma": str(cfg.snr_gamma or ""), "ss_noise_offset": str(cfg.noise_offset),
+            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else cfg.optimizer,
+            "ss_ema_decay": str(cfg.ema_decay or ""), "ss_enable_bucket": str(cfg.aspect_buckets),
+            "ss_prediction_type": run.parts.noise_scheduler.config.prediction_type,
             "instance_prompt": cfg.instance_prompt}
 
 
