@@ -29,7 +29,9 @@ RESERVED_METADATA = ("format", "lora_adapter_metadata")  # written by us for dif
 def lora_set_from_models(unet, text_encoder=None, text_encoder_2=None, adapter_name: str = "default") -> LoraSet:
     """The LoRA of adapter `adapter_name` in PEFT-injected SDXL models, as plain tensors."""
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    return LoraSet({c: from_peft_model(c, m, adapter_name) for c, m in models.items() if m is not None})
+    # torch.compile wraps a model as `_orig_mod`, which would otherwise prefix every module path.
+    models = {c: getattr(m, "_orig_mod", m) for c, m in models.items() if m is not None}
+    return LoraSet({c: from_peft_model(c, m, adapter_name) for c, m in models.items()})
 
 
 def save_lora_files(output_dir: str | Path, unet, text_encoder=None, text_encoder_2=None, *,
@@ -101,6 +103,10 @@ def standard_metadata(lora_set: LoraSet) -> dict[str, str]:
     }
 
 
+def _iso_date(unix_time: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_time, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def training_metadata(*, steps: int, learning_rate: float, resolution: int, seed: int, sigma: float,
                       schedule: str, flat_seed: int, started_at: float, title: str | None = None,
                       base_model: str | None = None) -> dict[str, str]:
@@ -113,7 +119,7 @@ def training_metadata(*, steps: int, learning_rate: float, resolution: int, seed
         "ss_training_started_at": str(started_at), "ss_steps": str(steps),
         "ss_learning_rate": str(learning_rate), "ss_resolution": f"({resolution}, {resolution})",
         "ss_seed": str(seed), "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.datetime.fromtimestamp(started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.date": _iso_date(started_at),
         "flatlora_sigma": str(sigma), "flatlora_schedule": schedule, "flatlora_seed": str(flat_seed),
     }
     if title is not None:

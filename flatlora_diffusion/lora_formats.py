@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_file
-from .kohya_names import COMPONENTS, KOHYA_PREFIXES, LoraNameError, UnetLayout, canonical_name, kohya_lookup, kohya_module_name
+from .kohya_names import (COMPONENTS, KOHYA_PREFIXES, LoraNameError, UnetLayout, canonical_name, kohya_lookup,
+                          kohya_module_name)
 from .lora_set import LoraFileError, LoraSet, ModuleLora, resolve_modules
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"

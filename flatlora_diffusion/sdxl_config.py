@@ -68,7 +68,8 @@ def meta_sdxl_models(base: str | Path | None = None) -> tuple[torch.nn.Module, t
     unet_config = load_unet_config(base)
     te_configs = (SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG)
     if base is not None:
-        te_configs = tuple(_read_config(Path(base) / name / "config.json") for name in ("text_encoder", "text_encoder_2"))
+        te_configs = tuple(_read_config(Path(base) / name / "config.json")
+                           for name in ("text_encoder", "text_encoder_2"))
     unet_kwargs = {k: v for k, v in unet_config.items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_kwargs)

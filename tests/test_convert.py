@@ -15,7 +15,8 @@ from flatlora_diffusion.lora import LoraOptions, add_text_encoder_lora, add_unet
 from flatlora_diffusion.lora_formats import read_safetensors, to_diffusers, write_safetensors
 from flatlora_diffusion.lora_set import LoraSet, ModuleLora
 from flatlora_diffusion.sdxl_config import meta_sdxl_models
-from tests.lora_helpers import assert_same_outputs, fresh_pipe, no_warnings_allowed, one_thread, trained_export  # noqa: F401
+from tests.lora_helpers import (assert_same_outputs, fresh_pipe, no_warnings_allowed,  # noqa: F401
+                                one_thread, trained_export)
 
 
 @pytest.fixture

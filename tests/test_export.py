@@ -10,7 +10,7 @@ import torch
 from flatlora_diffusion import FlatLora
 from flatlora_diffusion.export import save_lora_files
 from flatlora_diffusion.lora import LoraOptions, lora_parameters
-from flatlora_diffusion.lora_formats import read_safetensors
+from flatlora_diffusion.lora_formats import read_safetensors, write_safetensors
 from flatlora_diffusion.lora_import import load_lora_into_pipeline
 from flatlora_diffusion.lora_set import LoraFileError
 from tests.helpers import TEST_LORA, unet_inputs, unet_loss
@@ -87,7 +87,8 @@ def test_metadata_is_kohya_modelspec_and_ours(trained):
         for key in ("ss_training_started_at", "ss_steps", "ss_learning_rate", "ss_resolution", "ss_seed",
                     "flatlora_sigma", "flatlora_schedule", "flatlora_seed", "flatlora_diffusion_version"):
             assert metadata[key], key
-        assert (metadata["flatlora_sigma"], metadata["flatlora_schedule"], metadata["ss_steps"]) == ("0.1", "constant", "3")
+        settings = (metadata["flatlora_sigma"], metadata["flatlora_schedule"], metadata["ss_steps"])
+        assert settings == ("0.1", "constant", "3")
 
 
 def test_export_inside_perturb_equals_export_outside(trained, tmp_path):
@@ -152,3 +153,15 @@ def test_imported_file_continues_training(trained, default_model_dir, tmp_path):
     unet_loss(pipe.unet, unet_inputs(pipe.unet)).backward()
     optimizer.step()
     assert not torch.equal(outputs(pipe)["unet"], expected["unet"])
+
+
+def test_diffusers_file_without_adapter_metadata_means_alpha_equal_rank(trained, default_model_dir, tmp_path):
+    # Files from other diffusers trainers carry no alpha: both loaders read them with scale 1.
+    _, _, paths, expected = trained
+    tensors, _ = read_safetensors(paths["diffusers"])
+    folded = {k: v * 1.5 if k.endswith("lora_B.weight") else v for k, v in tensors.items()}  # alpha/rank = 6/4
+    plain = write_safetensors(tmp_path / "pytorch_lora_weights.safetensors", folded, {"format": "pt"})
+    for load in (lambda pipe: pipe.load_lora_weights(tmp_path), lambda pipe: load_lora_into_pipeline(pipe, plain)):
+        pipe = fresh_pipe(default_model_dir)
+        load(pipe)
+        assert_same_outputs(pipe, expected)

@@ -15,7 +15,8 @@ from flatlora_diffusion.lora_formats import read_safetensors, to_kohya, write_sa
 from flatlora_diffusion.lora_import import load_lora_into_pipeline
 from flatlora_diffusion.lora_set import LoraFileError
 from flatlora_diffusion.sdxl_config import SDXL_UNET_CONFIG, meta_sdxl_models
-from tests.lora_helpers import assert_same_outputs, fresh_pipe, no_warnings_allowed, one_thread, trained_export  # noqa: F401
+from tests.lora_helpers import (assert_same_outputs, fresh_pipe, no_warnings_allowed,  # noqa: F401
+                                one_thread, trained_export)
 
 SUFFIX = r"\.(lora_down\.weight|lora_up\.weight|alpha)$"
 UNET_KEY = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_\d+(_\d+)?_.*" + SUFFIX)
@@ -126,11 +127,13 @@ def test_file_delta_equals_the_in_memory_merged_delta_for_every_module(trained):
     tensors, _ = read_safetensors(path)
     layout = UnetLayout.from_config(pipe.unet.config)
     checked = 0
-    for prefix, model in (("lora_unet_", pipe.unet), ("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+    models = (("lora_unet_", pipe.unet), ("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2))
+    for prefix, model in models:
         for name, layer in model.named_modules():
             if not isinstance(layer, LoraLayer):
                 continue
-            path_name = sgm_name(name, layout) if prefix == "lora_unet_" else "text_model." + name.removeprefix("text_model.")
+            te_name = "text_model." + name.removeprefix("text_model.")
+            path_name = sgm_name(name, layout) if prefix == "lora_unet_" else te_name
             stem = prefix + path_name.replace(".", "_")
             down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
             weight = layer.get_base_layer().weight
@@ -198,3 +201,24 @@ def test_shape_mismatch_is_refused(trained, default_model_dir, tmp_path):
     bad = write_safetensors(tmp_path / "bad.safetensors", tensors, metadata)
     with pytest.raises(LoraFileError, match="is this a LoRA for SDXL"):
         load_lora_into_pipeline(fresh_pipe(default_model_dir), bad)
+
+
+def test_imports_other_tools_conv_and_resnet_linear_modules(default_model_dir, tmp_path):
+    # kohya LoCon-style files also patch resnet convolutions (3x3 down, 1x1 up) and time_emb_proj.
+    g = torch.Generator().manual_seed(0)
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"  # down_blocks.0.resnets.0.conv1: 48 -> 48, 3x3
+    linear = "lora_unet_output_blocks_1_0_emb_layers_1"  # up_blocks.0.resnets.1.time_emb_proj
+    pipe = fresh_pipe(default_model_dir)
+    emb = pipe.unet.up_blocks[0].resnets[1].time_emb_proj
+    tensors = {f"{conv}.lora_down.weight": torch.randn(2, 48, 3, 3, generator=g),
+               f"{conv}.lora_up.weight": torch.randn(48, 2, 1, 1, generator=g), f"{conv}.alpha": torch.tensor(1.0),
+               f"{linear}.lora_down.weight": torch.randn(3, emb.in_features, generator=g),
+               f"{linear}.lora_up.weight": torch.randn(emb.out_features, 3, generator=g)}  # no alpha: alpha = rank
+    path = write_safetensors(tmp_path / "locon.safetensors", tensors, {})
+    load_lora_into_pipeline(pipe, path)
+    conv_layer = pipe.unet.down_blocks[0].resnets[0].conv1
+    expected = 0.5 * (tensors[f"{conv}.lora_up.weight"].flatten(1) @ tensors[f"{conv}.lora_down.weight"].flatten(1))
+    assert torch.allclose(conv_layer.get_delta_weight("default"), expected.reshape(48, 48, 3, 3), atol=1e-6)
+    linear_layer = pipe.unet.up_blocks[0].resnets[1].time_emb_proj
+    expected = tensors[f"{linear}.lora_up.weight"] @ tensors[f"{linear}.lora_down.weight"]
+    assert torch.allclose(linear_layer.get_delta_weight("default"), expected, atol=1e-6)
