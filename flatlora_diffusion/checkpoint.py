@@ -1,7 +1,10 @@
 """Resumable checkpoints: LoRA tensors, optimizer, LR schedule, global RNG and the step.
 
 Data order, augmentation, diffusion noise and Flat-LoRA noise are all derived from
-(seed, step), so these few files are everything an exact resume needs.
+(seed, step, rank), so these few files are everything an exact resume needs. Under N processes
+the main process writes one checkpoint: the LoRA and optimizer state are identical on every rank
+(DDP all-reduces the gradients), the global RNG (LoRA dropout) is not, so every rank's RNG state
+is stored as `rng_rank<r>.pt` and each rank restores its own.
 """
 
 from __future__ import annotations
@@ -30,9 +33,18 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def rng_state() -> dict:
+    """This process's global RNG state (read by LoRA dropout only)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def save_checkpoint(output_dir: Path, step: int, models, optimizer, lr_scheduler, extra: dict | None = None,
-                    total_limit: int | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    total_limit: int | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    rng_states: list[dict] | None = None) -> Path:
     """Write checkpoint-<step> atomically, then prune the oldest beyond `total_limit`.
+
+    `rng_states`: every process's `rng_state()` in rank order (default: this process's only).
 
     `tensors`: further named tensor sets (e.g. the EMA weights), saved as `<name>.safetensors`.
     """
@@ -43,8 +55,8 @@ def save_checkpoint(output_dir: Path, step: int, models, optimizer, lr_scheduler
             save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp / f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / f"rng_rank{rank}.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     if total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
@@ -66,8 +78,12 @@ def resolve_checkpoint(output_dir: Path, which: str) -> Path:
     return folder
 
 
-def load_checkpoint(folder: Path, models, optimizer, lr_scheduler) -> dict:
-    """Restore everything saved by `save_checkpoint`; returns state.json's content."""
+def load_checkpoint(folder: Path, models, optimizer, lr_scheduler, rank: int = 0) -> dict:
+    """Restore everything saved by `save_checkpoint`; returns state.json's content.
+
+    Process `rank` restores its own RNG state; one the checkpoint lacks (saved by fewer
+    processes) leaves the RNG as it is, and the caller says the resume is not exact.
+    """
     params = load_file(folder / "lora_params.safetensors")
     current = {f"{label}.{name}": p for label, model in models.items()
                for name, p in model.named_parameters() if p.requires_grad}
@@ -78,10 +94,12 @@ def load_checkpoint(folder: Path, models, optimizer, lr_scheduler) -> dict:
             current[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-    rng = torch.load(folder / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((folder / "state.json").read_text())
 
 

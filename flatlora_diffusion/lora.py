@@ -65,6 +65,30 @@ def add_text_encoder_lora(text_encoder, options: LoraOptions):
     return add_lora(text_encoder, options, TEXT_ENCODER_TARGETS)
 
 
+def freeze_lora_after_hidden_state(text_encoder, hidden_state: int) -> list[str]:
+    """Stop training the LoRA of the layers after `hidden_states[hidden_state]`; returns their names.
+
+    SDXL conditions on text encoder 1's penultimate hidden state only (`hidden_states[-2]`, see
+    conditioning.encode_prompts; its pooled output is unused), so the LoRA of its last layer can
+    never get a gradient and DDP fails with "parameters that were not used in producing loss".
+    The modules stay, so exported files hold every layer as other tools write them; their
+    parameters stop requiring grad, so DDP, the optimizer and checkpoints leave them out.
+    The layers are found from the encoder's config, never a hard-coded count.
+    """
+    layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers  # CLIPTextModel has no text_model
+    n_layers = text_encoder.config.num_hidden_layers
+    if len(layers) != n_layers or not -n_layers - 1 <= hidden_state < 0:
+        raise ValueError(f"hidden_states[{hidden_state}] does not fit an encoder of {n_layers} layers")
+    first_unreached = n_layers + 1 + hidden_state  # hidden_states[0] is the embedding output
+    unreached = {id(p) for layer in layers[first_unreached:] for p in layer.parameters()}
+    frozen = []
+    for name, param in text_encoder.named_parameters():
+        if "lora_" in name and id(param) in unreached:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def lora_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for model in models for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 

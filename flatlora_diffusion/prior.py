@@ -19,15 +19,19 @@ def existing_class_images(folder: Path) -> list[Path]:
 
 
 def generate_class_images(pipe, folder: Path, prompt: str, wanted: int, batch_size: int, resolution: int,
-                          seed: int, steps: int = 25, rank: int = 0, world_size: int = 1) -> int:
+                          seed: int, steps: int = 25, rank: int = 0, world_size: int = 1,
+                          have: int | None = None) -> int:
     """Fill `folder` up to `wanted` images; returns how many this process wrote.
 
     Image k is drawn with seed derived from (seed, k), so the set does not depend on the number
-    of processes; under N processes, process r draws k = r, r + N, ...
+    of processes; under N processes, process r draws k = r, r + N, ... `have`: the number of
+    images already there, counted by every process before any of them writes (a count taken
+    while another process writes would shift the split and leave holes); default: count now.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    have = len(existing_class_images(folder))
+    if have is None:
+        have = len(existing_class_images(folder))
     todo = [k for k in range(have, wanted) if k % world_size == rank]
     if not todo:
         return 0

@@ -26,16 +26,18 @@ from .data import derived_seed, load_examples
 from .default_model import DEFAULT_MODEL_DIR, ensure_default_model
 from .errors import UserError
 from .flat_lora import FlatLora
-from .lora import LoraOptions, add_text_encoder_lora, add_unet_lora
+from .lora import LoraOptions, add_text_encoder_lora, add_unet_lora, freeze_lora_after_hidden_state
 from .ema import Ema
 from .losses import min_snr_weights, noisy_inputs, per_sample_mse, prediction_target
 from .metrics import MetricsLog
 from .models import SDXLParts, freeze_precision, load_sdxl
+from .multiprocess import all_rng_states, any_rank, check_launch, dump_rank_state
 from .optimizers import build_optimizer, check_optimizer_available
 from .prior import existing_class_images, generate_class_images
 from .validation import pipeline_from_parts, sample_images
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SDXL_TEXT_ENCODER_1_HIDDEN_STATE = -2  # the hidden state conditioning.encode_prompts reads from text encoder 1
 
 
 class Interrupted(Exception):
@@ -93,14 +95,16 @@ def count_total_steps(config: TrainConfig, n_samples: int, world_size: int) -> i
 
 
 def prepare_class_images(config: TrainConfig, parts: SDXLParts, accelerator: Accelerator) -> None:
+    """Generate the missing class images, split across processes (every rank counts, then all write)."""
     folder = Path(config.class_data_dir)
-    if len(existing_class_images(folder)) >= config.num_class_images:
-        return
-    pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder, parts.text_encoder_2)
-    with accelerator.autocast():
-        generate_class_images(pipe, folder, config.class_prompt, config.num_class_images, config.sample_batch_size,
-                              config.resolution, config.seed, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes)
+    have = len(existing_class_images(folder))
+    accelerator.wait_for_everyone()
+    if have < config.num_class_images:
+        pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder, parts.text_encoder_2)
+        with accelerator.autocast():
+            generate_class_images(pipe, folder, config.class_prompt, config.num_class_images,
+                                  config.sample_batch_size, config.resolution, config.seed,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes, have=have)
     accelerator.wait_for_everyone()
 
 
@@ -109,6 +113,7 @@ def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Mod
     trained = {"unet": add_unet_lora(parts.unet, options)}
     if config.train_text_encoder:
         trained["text_encoder"] = add_text_encoder_lora(parts.text_encoder, options)
+        freeze_lora_after_hidden_state(parts.text_encoder, SDXL_TEXT_ENCODER_1_HIDDEN_STATE)
         trained["text_encoder_2"] = add_text_encoder_lora(parts.text_encoder_2, options)
     if config.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
@@ -132,7 +137,7 @@ def setup(config: TrainConfig) -> Run:
     instance_examples = load_examples(config.instance_data_dir, config.instance_prompt, config.caption_extension)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
                               project_dir=config.output_dir)
-    set_seed(config.seed)  # only dropout reads the global RNG; its state is checkpointed
+    check_launch(accelerator)
     parts = load_sdxl(resolve_model_path(config), config.pretrained_vae_model_name_or_path)
     freeze_precision(parts, DTYPES[config.mixed_precision], config.pretrained_vae_model_name_or_path is not None)
     for model in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
@@ -142,7 +147,10 @@ def setup(config: TrainConfig) -> Run:
         prepare_class_images(config, parts, accelerator)
         classes = ExampleStream(load_examples(config.class_data_dir, config.class_prompt, config.caption_extension,
                                               what="class"), derived_seed("class-order", config.seed))
+    set_seed(config.seed)  # the LoRA init: the same on every rank and in a resumed run
     trained = attach_lora(config, parts)
+    # Only LoRA dropout reads the global RNG: each rank its own masks; every rank's state is checkpointed.
+    torch.manual_seed(derived_seed("dropout", config.seed, accelerator.process_index))
     optimizer = build_optimizer(config, parameter_groups(config, trained))
     instances = ExampleStream(instance_examples, config.seed, config.repeats)
     total = count_total_steps(config, len(instances), accelerator.num_processes)
@@ -166,7 +174,12 @@ def maybe_resume(run: Run) -> None:
     if run.config.resume_from_checkpoint is None:
         return
     folder = resolve_checkpoint(run.output_dir, run.config.resume_from_checkpoint)
-    state = load_checkpoint(folder, unwrapped(run), run.optimizer, run.lr_scheduler)
+    state = load_checkpoint(folder, unwrapped(run), run.optimizer, run.lr_scheduler,
+                            rank=run.accelerator.process_index)
+    saved_by = state.get("num_processes", 1)
+    if saved_by != run.accelerator.num_processes:
+        run.accelerator.print(f"warning: {folder} was saved by {saved_by} processes, resuming with "
+                              f"{run.accelerator.num_processes}: training continues, but not exactly as it would have")
     if run.ema is not None:
         run.ema.load_state_dict(load_checkpoint_tensors(folder, "ema"))
     run.start_step = state["step"]
@@ -267,6 +280,7 @@ def train(config: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{loss:.4f}", sigma_t=f"{sigma_t:.4f}")
             record(run, log, step + 1, loss, sigma_t, time.perf_counter() - started)
             after_step(run, step + 1, stop)
+    dump_rank_state(unwrapped(run), run.flat, run.total_steps - 1, acc.process_index)  # tests only, off by default
     finish(run)
     acc.end_training()
     return run.output_dir
@@ -283,9 +297,10 @@ def record(run: Run, log: MetricsLog | None, step: int, loss: float, sigma_t: fl
 def after_step(run: Run, step: int, stop: dict) -> None:
     """Checkpoints, samples and a clean stop on Ctrl-C/SIGTERM, between optimizer steps."""
     cfg = run.config
-    if step % cfg.checkpointing_steps == 0 or stop["signal"]:
+    stopping = any_rank(run.accelerator, stop["signal"] is not None)  # every rank checkpoints and stops together
+    if step % cfg.checkpointing_steps == 0 or stopping:
         folder = checkpoint(run, step)
-        if stop["signal"]:
+        if stopping:
             raise Interrupted(step, folder)
     if cfg.validation_steps and step % cfg.validation_steps == 0 and step < run.total_steps:
         validate(run, f"step{step:06d}")
@@ -293,9 +308,11 @@ def after_step(run: Run, step: int, stop: dict) -> None:
 
 def checkpoint(run: Run, step: int) -> Path:
     folder = run.output_dir / f"checkpoint-{step}"
+    rng_states = all_rng_states()  # LoRA and optimizer are the same on every rank, the dropout RNG is not
     if run.accelerator.is_main_process:
         save_checkpoint(run.output_dir, step, unwrapped(run), run.optimizer, run.lr_scheduler,
-                        total_limit=run.config.checkpoints_total_limit,
+                        total_limit=run.config.checkpoints_total_limit, rng_states=rng_states,
+                        extra={"num_processes": run.accelerator.num_processes},
                         tensors={"ema": run.ema.state_dict()} if run.ema is not None else None)
     run.accelerator.wait_for_everyone()
     return folder
