@@ -1,7 +1,7 @@
 """Turning the shuffled example streams into SDXL training batches, with optional caches.
 
 VAE latents are cached when the crop is deterministic (centre crop): each image is encoded at
-most twice (plain and flipped), and the latent distribution's mean and std are kept so a fresh
+most twice per target size (plain and flipped; with buckets, at its bucket's size), and the latent distribution's mean and std are kept so a fresh
 sample is still drawn every step. Prompt embeddings are cached when the text encoders are frozen.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptEmbeds, encode_prompts
-from .data import Example, Prepared, prepare_image, stream_index
+from .data import Example, Prepared, prepare_image
+from .streams import Draw
 from .images import load_rgb
 
 
@@ -21,20 +22,6 @@ class Batch:
     latents: torch.Tensor
     prompts: list[str]
     time_ids: torch.Tensor
-
-
-class ExampleStream:
-    """An endless, per-epoch shuffled stream over examples (repeated `repeats` times)."""
-
-    def __init__(self, examples: list[Example], seed: int, repeats: int = 1):
-        self.examples, self.seed, self.repeats = examples, seed, repeats
-
-    def __len__(self) -> int:
-        return len(self.examples) * self.repeats
-
-    def at(self, position: int) -> tuple[int, int]:
-        index, epoch = stream_index(len(self), self.seed, position)
-        return index % len(self.examples), epoch
 
 
 class BatchMaker:
@@ -47,8 +34,8 @@ class BatchMaker:
         self._latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prompt_cache: dict[str, PromptEmbeds] = {}
 
-    def batch(self, stream: ExampleStream, positions: list[int], generator: torch.Generator) -> Batch:
-        samples = [self._sample(stream, p) for p in positions]
+    def batch(self, stream, draws: list[Draw], generator: torch.Generator) -> Batch:
+        samples = [self._sample(stream, d) for d in draws]
         means, stds = zip(*(self._latent_dist(stream.examples[i], prepared, i) for i, prepared in samples))
         mean, std = torch.stack(means), torch.stack(stds)
         noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
@@ -57,16 +44,15 @@ class BatchMaker:
         time_ids = torch.stack([prepared.time_ids for _, prepared in samples])
         return Batch(latents.to(self.device, self.latent_dtype), prompts, time_ids.to(self.device))
 
-    def _sample(self, stream: ExampleStream, position: int) -> tuple[int, Prepared]:
-        index, epoch = stream.at(position)
+    def _sample(self, stream, draw: Draw) -> tuple[int, Prepared]:
         cfg = self.config
-        prepared = prepare_image(load_rgb(stream.examples[index].path), cfg.resolution, cfg.center_crop,
-                                 cfg.random_flip, stream.seed, epoch, index)
-        return index, prepared
+        prepared = prepare_image(load_rgb(stream.examples[draw.index].path), draw.size, cfg.center_crop,
+                                 cfg.random_flip, stream.seed, draw.epoch, draw.index)
+        return draw.index, prepared
 
     @torch.no_grad()
     def _latent_dist(self, example: Example, prepared: Prepared, index: int):
-        key = (example.path, prepared.crop_top_left, prepared.flipped)
+        key = (example.path, prepared.target_size, prepared.crop_top_left, prepared.flipped)
         if self.cache_latents and key in self._latent_cache:
             return self._latent_cache[key]
         vae = self.parts.vae

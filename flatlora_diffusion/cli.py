@@ -22,5 +22,6 @@ def run_training(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"{stop}; continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
-    print(f"done: LoRA files, samples and metrics are in {output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"done: LoRA files, samples and metrics are in {output_dir}")
     return 0

@@ -57,30 +57,25 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(derived_seed("order", seed, epoch)).permutation(n)
 
 
-def stream_index(n: int, seed: int, position: int) -> tuple[int, int]:
-    """(example index, epoch) of the `position`-th sample of the endless shuffled stream."""
-    epoch, offset = divmod(position, n)
-    return int(epoch_order(n, seed, epoch)[offset]), epoch
-
-
-def prepare_image(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+def prepare_image(img: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
                   seed: int, epoch: int, index: int) -> Prepared:
-    """Resize the short side to `resolution`, crop a square, maybe flip (as the diffusers SDXL script)."""
+    """Resize to cover `size` (h, w; an int is a square), crop it, maybe flip (as the diffusers SDXL script)."""
+    height, width = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(derived_seed("augment", seed, epoch, index))
     original = (img.height, img.width)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    img = img.resize(size, Image.Resampling.BICUBIC)
+    scale = max(width / img.width, height / img.height)
+    resized = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(resized, Image.Resampling.BICUBIC)
     if center_crop:
-        top, left = (img.height - resolution) // 2, (img.width - resolution) // 2
+        top, left = (img.height - height) // 2, (img.width - width) // 2
     else:
-        top = int(rng.integers(0, img.height - resolution + 1))
-        left = int(rng.integers(0, img.width - resolution + 1))
-    img = img.crop((left, top, left + resolution, top + resolution))
+        top = int(rng.integers(0, img.height - height + 1))
+        left = int(rng.integers(0, img.width - width + 1))
+    img = img.crop((left, top, left + width, top + height))
     flipped = random_flip and rng.random() < 0.5
     if flipped:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = size[0] - left - resolution  # the crop as seen in the flipped image
+        left = resized[0] - left - width  # the crop as seen in the flipped image
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return Prepared(torch.from_numpy(array).permute(2, 0, 1).contiguous(), original, (top, left),
-                    (resolution, resolution), flipped)
+                    (height, width), flipped)

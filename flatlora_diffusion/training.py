@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_file
-from .batches import Batch, BatchMaker, ExampleStream
+from .batches import Batch, BatchMaker
+from .streams import make_stream
 from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkpoint, save_checkpoint
 from .conditioning import PromptEmbeds
 from .config import TrainConfig
@@ -58,8 +59,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     batches: BatchMaker
-    instances: ExampleStream
-    classes: ExampleStream | None
+    instances: object  # SquareStream or BucketStream
+    classes: object | None
     total_steps: int
     start_step: int = 0
     ema: Ema | None = None
@@ -131,6 +132,17 @@ def parameter_groups(config: TrainConfig, trained: dict[str, torch.nn.Module]) -
     return groups
 
 
+def build_streams(config: TrainConfig, instance_examples):
+    """The instance stream and, with prior preservation, the class stream (square or bucketed)."""
+    instances = make_stream(instance_examples, config.seed, config.resolution, config.repeats, config.aspect_buckets)
+    if not config.with_prior_preservation:
+        return instances, None
+    class_examples = load_examples(config.class_data_dir, config.class_prompt, config.caption_extension, what="class")
+    classes = make_stream(class_examples, derived_seed("class-order", config.seed), config.resolution, 1,
+                          config.aspect_buckets)
+    return instances, classes
+
+
 def setup(config: TrainConfig) -> Run:
     check_output_dir(config)
     check_optimizer_available(config)
@@ -142,18 +154,15 @@ def setup(config: TrainConfig) -> Run:
     freeze_precision(parts, DTYPES[config.mixed_precision], config.pretrained_vae_model_name_or_path is not None)
     for model in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         model.to(accelerator.device)
-    classes = None
     if config.with_prior_preservation:
         prepare_class_images(config, parts, accelerator)
-        classes = ExampleStream(load_examples(config.class_data_dir, config.class_prompt, config.caption_extension,
-                                              what="class"), derived_seed("class-order", config.seed))
+    instances, classes = build_streams(config, instance_examples)
     set_seed(config.seed)  # the LoRA init: the same on every rank and in a resumed run
     trained = attach_lora(config, parts)
     # Only LoRA dropout reads the global RNG: each rank its own masks; every rank's state is checkpointed.
     torch.manual_seed(derived_seed("dropout", config.seed, accelerator.process_index))
     optimizer = build_optimizer(config, parameter_groups(config, trained))
-    instances = ExampleStream(instance_examples, config.seed, config.repeats)
-    total = count_total_steps(config, len(instances), accelerator.num_processes)
+    total = count_total_steps(config, instances.samples_per_epoch(config.train_batch_size), accelerator.num_processes)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total, num_cycles=config.lr_num_cycles, power=config.lr_power)
     flat = FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total,
@@ -197,13 +206,13 @@ def unwrapped(run: Run) -> dict[str, torch.nn.Module]:
 def micro_batch(run: Run, step: int, micro: int) -> tuple[Batch, PromptEmbeds, int, torch.Generator]:
     """The samples of (step, micro) for this process, and a generator for its noise/timesteps."""
     cfg, acc = run.config, run.accelerator
-    first = ((step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index)
-    positions = [first * cfg.train_batch_size + j for j in range(cfg.train_batch_size)]
+    batch_number = (step * cfg.gradient_accumulation_steps + micro) * acc.num_processes + acc.process_index
+    draws = run.instances.draw(batch_number, cfg.train_batch_size)
     generator = torch.Generator().manual_seed(derived_seed("step", cfg.seed, step, micro, acc.process_index))
-    batch = run.batches.batch(run.instances, positions, generator)
-    n_instance = len(positions)
+    batch = run.batches.batch(run.instances, draws, generator)
+    n_instance = len(draws)
     if run.classes is not None:
-        prior = run.batches.batch(run.classes, positions, generator)
+        prior = run.batches.batch(run.classes, run.classes.draw_like(batch_number, draws), generator)
         batch = Batch(torch.cat([batch.latents, prior.latents]), batch.prompts + prior.prompts,
                       torch.cat([batch.time_ids, prior.time_ids]))
     with run.accelerator.autocast():  # text encoders in the training precision; the VAE ran outside
