@@ -7,7 +7,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,7 @@ class Run:
     total_steps: int
     start_step: int = 0
     ema: Ema | None = None
+    started_at: float = field(default_factory=time.time)  # Unix time, for ss_training_started_at
 
     @property
     def output_dir(self) -> Path:
@@ -360,12 +361,15 @@ def finish(run: Run) -> None:
 
 
 def training_metadata(run: Run) -> dict[str, str]:
+    """kohya/modelspec run metadata (export.training_metadata) plus the options of this trainer."""
+    from .export import training_metadata as standard_run_metadata
+
     cfg = run.config
-    return {"ss_steps": str(run.total_steps), "ss_learning_rate": str(cfg.learning_rate),
-            "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_seed": str(cfg.seed),
-            "ss_base_model": resolve_model_path(cfg), "ss_text_encoder_lr": str(cfg.text_encoder_lr or ""),
-            "flatlora_sigma": str(cfg.flat_sigma), "flatlora_schedule": cfg.flat_schedule,
-            "flatlora_seed": str(cfg.noise_seed), "flatlora_diffusion_version": __version__,
+    meta = standard_run_metadata(
+        steps=run.total_steps, learning_rate=cfg.learning_rate, resolution=cfg.resolution, seed=cfg.seed,
+        sigma=cfg.flat_sigma, schedule=cfg.flat_schedule, flat_seed=cfg.noise_seed, started_at=run.started_at,
+        title=Path(cfg.output_dir).name, base_model=resolve_model_path(cfg))
+    return {**meta, "ss_text_encoder_lr": str(cfg.text_encoder_lr or ""),
             "ss_min_snr_gamma": str(cfg.snr_gamma or ""), "ss_noise_offset": str(cfg.noise_offset),
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else cfg.optimizer,
             "ss_ema_decay": str(cfg.ema_decay or ""), "ss_enable_bucket": str(cfg.aspect_buckets),

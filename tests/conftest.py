@@ -10,7 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models: one thread is as fast and immune to oversubscription on a busy 2-core machine.
+torch.set_num_threads(1)
 
 from flatlora_diffusion.default_model import build_default_pipeline, write_default_model  # noqa: E402
 from flatlora_diffusion.tokenizer import save_tokenizer_files  # noqa: E402
