@@ -15,10 +15,11 @@ derived from (seed, step, rank, layer name); only the seeds and per-row stds are
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -143,24 +144,32 @@ class FlatLora:
         try:
             with contextlib.ExitStack() as stack:
                 for target in self._targets:
-                    row_std = self._row_std(target, sigma_t)
                     seed = layer_seed(self.seed, step, self.rank, target.name)
+                    row_std = functools.partial(self._step_row_std, target, sigma_t)
                     stack.enter_context(_compute_with_noise(target.layer.get_base_layer(), row_std, seed))
                 yield
         finally:
             self._active = False
+
+    def _step_row_std(self, target: _Target, sigma_t: float) -> torch.Tensor:
+        """The layer's row stds for this step, in the weight's dtype (cast once, not per forward/backward;
+        layer_noise would cast them anyway), in fp32 maths whatever autocast is active around the call."""
+        weight = target.layer.get_base_layer().weight
+        with torch.autocast(weight.device.type, enabled=False):
+            return self._row_std(target, sigma_t).to(weight.device, weight.dtype)
 
     @torch.no_grad()
     def _row_std(self, target: _Target, sigma_t: float) -> torch.Tensor:
         """sigma_t·||W'_i||/sqrt(n) per output row, from the current merged weight, in fp32."""
         weight = target.layer.get_base_layer().weight
         row_sq = self._merged_row_sq_norms(target, weight)
-        return (sigma_t * row_sq.clamp_min(0).sqrt() / math.sqrt(weight.shape[1])).to(weight.device)
+        return row_sq.clamp_min(0).sqrt_().mul_(sigma_t / math.sqrt(weight.shape[1]))  # the cache stays intact
 
     def _merged_row_sq_norms(self, target: _Target, weight: torch.Tensor) -> torch.Tensor:
         # ||W + D||^2 per row = ||W||^2 + 2<W, D> + ||D||^2 with D = Bs·A (Bs = scaled B, out x r).
-        # ||W||^2 is cached (W is frozen), <W, D> = rowsum(Bs ∘ (W A^T)) and ||D||^2 = rowsum((Bs AA^T) ∘ Bs)
-        # cost O(out·in·r) and no weight-sized temporary beyond one fp32 copy of W at a time.
+        # ||W||^2 is cached (W is frozen); 2<W, D> + ||D||^2 = rowsum(Bs ∘ (2·W A^T + Bs·AA^T)) costs
+        # O(out·in·r), no weight-sized temporary beyond one fp32 copy of W at a time, and a handful
+        # of kernels per layer (this runs for every LoRA layer once per step).
         version = (weight.data_ptr(), weight._version)
         if target.base_version != version:
             target.base_sq_norms = weight.float().square().sum(1)
@@ -168,10 +177,8 @@ class FlatLora:
         b_scaled, a = _active_delta_factors(target.layer)
         if b_scaled is None:
             return target.base_sq_norms
-        w_at = weight.float() @ a.t()
-        cross = (b_scaled * w_at).sum(1)
-        delta_sq = ((b_scaled @ (a @ a.t())) * b_scaled).sum(1)
-        return target.base_sq_norms + 2 * cross + delta_sq
+        inner = torch.addmm(weight.float() @ a.t(), b_scaled, a @ a.t(), beta=2.0)
+        return torch.linalg.vecdot(b_scaled, inner).add_(target.base_sq_norms)
 
 
 def _active_delta_factors(layer: LoraLinear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -185,17 +192,31 @@ def _active_delta_factors(layer: LoraLinear) -> tuple[torch.Tensor | None, torch
             bs.append(layer.lora_B[adapter].weight.float() * layer.scaling[adapter])
     if not bs:
         return None, None
+    if len(bs) == 1:  # the usual case: no concatenation copies
+        return bs[0], as_[0]
     return torch.cat(bs, 1), torch.cat(as_, 0)
 
 
 @contextlib.contextmanager
-def _compute_with_noise(base: torch.nn.Linear, row_std: torch.Tensor, seed: int) -> Iterator[None]:
+def _compute_with_noise(base: torch.nn.Linear, row_std_of: Callable[[], torch.Tensor], seed: int) -> Iterator[None]:
     """Route `base`'s forward through the noisy linear for the block, then restore it.
+
+    The row stds are computed at the layer's first forward in the block and kept for the rest of
+    it (later micro-batches, the recomputed forward of gradient checkpointing): once per step, and
+    on a GPU their small kernels are queued while the model's large ones run, instead of all
+    layers' at the start of the step while the GPU waits.
 
     An instance attribute shadows the class's forward only inside the block; hooks registered on
     the module still run, the module's parameters and state_dict keys are untouched.
     """
-    base.forward = lambda x: noisy_linear(x, base, row_std, seed)
+    row_std: list[torch.Tensor] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not row_std:
+            row_std.append(row_std_of())
+        return noisy_linear(x, base, row_std[0], seed)
+
+    base.forward = forward
     try:
         yield
     finally:
