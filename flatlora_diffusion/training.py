@@ -193,6 +193,7 @@ def maybe_resume(run: Run) -> None:
     if run.ema is not None:
         run.ema.load_state_dict(load_checkpoint_tensors(folder, "ema"))
     run.start_step = state["step"]
+    run.started_at = state.get("started_at", run.started_at)  # the run's start, not this session's
     if run.start_step > run.total_steps:
         raise UserError(f"{folder} is at step {run.start_step}, beyond --max_train_steps {run.total_steps}")
     run.accelerator.print(f"resumed from {folder} at step {run.start_step}")
@@ -322,7 +323,7 @@ def checkpoint(run: Run, step: int) -> Path:
     if run.accelerator.is_main_process:
         save_checkpoint(run.output_dir, step, unwrapped(run), run.optimizer, run.lr_scheduler,
                         total_limit=run.config.checkpoints_total_limit, rng_states=rng_states,
-                        extra={"num_processes": run.accelerator.num_processes},
+                        extra={"num_processes": run.accelerator.num_processes, "started_at": run.started_at},
                         tensors={"ema": run.ema.state_dict()} if run.ema is not None else None)
     run.accelerator.wait_for_everyone()
     return folder

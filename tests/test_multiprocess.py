@@ -135,6 +135,7 @@ def test_resume_under_two_processes_matches_the_uninterrupted_run(straight, defa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical tensors
     # and metadata (the bytes may differ only in the order of the header's keys: safetensors writes a hash map)
     meta = [safe_open(o / "pytorch_lora_weights.safetensors", "pt").metadata() for o in (out, resumed)]
+    assert [m.pop("modelspec.title") for m in meta] == [out.name, resumed.name]  # the run folder's name
     assert meta[0] == meta[1]
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [3, 4]
 
