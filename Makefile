@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo model clean
+.PHONY: setup test demo model lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,9 @@ model: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 demo: setup
 	$(PY) -m flatlora_diffusion.demo

@@ -1,7 +1,8 @@
 """Turning the shuffled example streams into SDXL training batches, with optional caches.
 
 VAE latents are cached when the crop is deterministic (centre crop): each image is encoded at
-most twice per target size (plain and flipped; with buckets, at its bucket's size), and the latent distribution's mean and std are kept so a fresh
+most twice per target size (plain and flipped; with buckets, at its bucket's size), and the
+latent distribution's mean and std are kept so a fresh
 sample is still drawn every step. Prompt embeddings are cached when the text encoders are frozen.
 """
 

@@ -27,8 +27,10 @@ def _f(default, help, **kw):
 @dataclass
 class TrainConfig:
     # model and data
-    pretrained_model_name_or_path: str | None = _f(None, "SDXL diffusers folder or hub id (default: the embedded tiny model)")
-    pretrained_vae_model_name_or_path: str | None = _f(None, "an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); keeps the VAE in the training precision")
+    pretrained_model_name_or_path: str | None = _f(
+        None, "SDXL diffusers folder or hub id (default: the embedded tiny model)")
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); keeps the VAE in the training precision")
     instance_data_dir: str | None = _f(None, "folder of instance images (a .txt beside an image overrides the prompt)")
     instance_prompt: str | None = _f(None, "prompt with the trigger token, e.g. 'a photo of sks dog'")
     caption_extension: str = _f(".txt", "extension of per-image caption files")
@@ -73,7 +75,7 @@ class TrainConfig:
     snr_gamma: float | None = _f(None, "Min-SNR weighting gamma (5.0 is the paper's value); off by default")
     noise_offset: float = _f(0.0, "std of the per-channel noise offset (e.g. 0.05); 0 = off")
     ema_decay: float | None = _f(None, "keep an EMA of the LoRA weights with this decay and export it as the main file")
-    aspect_buckets: bool = _f(False, "train on aspect-ratio buckets of about resolution^2 pixels instead of square crops")
+    aspect_buckets: bool = _f(False, "aspect-ratio buckets of about resolution^2 pixels instead of square crops")
     mixed_precision: str = _f("no", "precision of the frozen base; LoRA stays fp32", choices=("no", "fp16", "bf16"))
     seed: int = _f(0, "seed of data order, augmentation, noise and timesteps")
     # outputs, validation, checkpoints

@@ -17,7 +17,8 @@ class LoraOptions:
     rank: int = field(default=4, metadata={"help": "LoRA rank r"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; scale = alpha / rank (default: rank)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
-    init: str = field(default="gaussian", metadata={"help": "PEFT init_lora_weights (gaussian as the diffusers script; 'none' = random B)"})
+    init: str = field(default="gaussian", metadata={
+        "help": "PEFT init_lora_weights (gaussian as the diffusers script; 'none' = random B)"})
 
     def __post_init__(self):
         if self.rank < 1:

@@ -52,6 +52,9 @@ Copy `pytorch_lora_weights_kohya.safetensors` to `models/Lora/` and write
 """
 
 
+SAMPLES_HEADING = "## Samples (top row: base model, bottom row: with this LoRA, same seeds)\n\n"
+
+
 def write_model_card(output_dir: Path, config, base: str, samples: list[Path]) -> Path:
     rows = "\n".join(f"![{p.stem}](samples/{p.name})" for p in samples)
     text = CARD.format(
@@ -61,7 +64,7 @@ def write_model_card(output_dir: Path, config, base: str, samples: list[Path]) -
         prior=config.with_prior_preservation,
         optimizer="adamw-8bit" if config.use_8bit_adam else config.optimizer, snr=config.snr_gamma or "off",
         offset=config.noise_offset or "off", ema=config.ema_decay or "off", buckets=config.aspect_buckets,
-        samples=("## Samples (top row: base model, bottom row: with this LoRA, same seeds)\n\n" + rows) if samples else "")
+        samples=(SAMPLES_HEADING + rows) if samples else "")
     path = Path(output_dir) / "README.md"
     with atomic_file(path) as tmp:
         tmp.write_text(text)

@@ -33,17 +33,14 @@ def test_epoch_batches_stay_in_one_bucket_cover_every_image_and_change_per_epoch
 
 # ------------------------------------------------------------------ bucketed training runs
 
-import shutil  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import flatlora_diffusion.training as training  # noqa: E402
 from flatlora_diffusion.cli import run_training  # noqa: E402
-from tests.test_training_script import args  # noqa: E402
+from tests.test_training_script import args, assert_same_tensors, straight_and_resumed  # noqa: E402
 
 SIZES = {"wide": (256, 120), "wide2": (250, 128), "tall": (100, 220), "square": (150, 150), "square2": (90, 96)}
 
@@ -86,16 +83,10 @@ def test_mixed_aspect_ratios_train_in_buckets(default_model_dir, mixed_dir, tmp_
 
 
 def test_bucketed_resume_is_exact(default_model_dir, mixed_dir, tmp_path):
-    extra = ("--aspect_buckets", "--resolution", "128", "--train_batch_size", "2", "--max_train_steps", "4",
-             "--checkpointing_steps", "2", "--random_flip")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_training(args(default_model_dir, mixed_dir, straight, *extra)) == 0
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_training(args(default_model_dir, mixed_dir, resumed, *extra, "--resume_from_checkpoint", "latest")) == 0
-    a = load_file(straight / "pytorch_lora_weights.safetensors")
-    b = load_file(resumed / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = straight_and_resumed(default_model_dir, mixed_dir, tmp_path, "--aspect_buckets",
+                                             "--resolution", "128", "--train_batch_size", "2", "--random_flip")
+    name = "pytorch_lora_weights.safetensors"
+    assert_same_tensors(load_file(straight / name), load_file(resumed / name))
 
 
 def test_class_images_are_bucketed_with_the_instance_batch(default_model_dir, mixed_dir, tmp_path):

@@ -75,7 +75,8 @@ def test_noise_is_identical_after_a_process_restart():
     here = layer_noise(weight, torch.full((16,), 0.3), layer_seed(3, 7, 0, "x.fc1")).sum().item()
     code = ("import torch; from flatlora_diffusion.noisy_linear import layer_noise;"
             "from flatlora_diffusion.flat_lora import layer_seed;"
-            "print(repr(layer_noise(torch.ones(16, 32), torch.full((16,), 0.3), layer_seed(3, 7, 0, 'x.fc1')).sum().item()))")
+            "noise = layer_noise(torch.ones(16, 32), torch.full((16,), 0.3), layer_seed(3, 7, 0, 'x.fc1'));"
+            "print(repr(noise.sum().item()))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert float(there) == here
 

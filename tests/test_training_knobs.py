@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from flatlora_diffusion.cli import run_training
 from flatlora_diffusion.ema import Ema
 from flatlora_diffusion.losses import min_snr_weights, noisy_inputs, prediction_target
-from tests.test_training_script import args, instance_dir  # noqa: F401  (fixture)
+from tests.test_training_script import args, assert_same_tensors, instance_dir, straight_and_resumed  # noqa: F401
 
 
 def scheduler(prediction_type="epsilon"):
@@ -75,16 +75,10 @@ def test_ema_update_equals_the_formula():
 
 
 def test_ema_run_exports_ema_as_main_and_survives_resume(default_model_dir, instance_dir, tmp_path):  # noqa: F811
-    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--ema_decay", "0.8", "--snr_gamma", "5",
-             "--noise_offset", "0.05", "--random_flip")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_training(args(default_model_dir, instance_dir, straight, *extra)) == 0
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_training(args(default_model_dir, instance_dir, resumed, *extra, "--resume_from_checkpoint", "latest")) == 0
+    straight, resumed = straight_and_resumed(default_model_dir, instance_dir, tmp_path, "--ema_decay", "0.8",
+                                             "--snr_gamma", "5", "--noise_offset", "0.05", "--random_flip")
     for name in ("pytorch_lora_weights.safetensors", "raw_weights/pytorch_lora_weights.safetensors"):
-        a, b = load_file(straight / name), load_file(resumed / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert_same_tensors(load_file(straight / name), load_file(resumed / name))
     main, raw = load_file(straight / "pytorch_lora_weights.safetensors"), \
         load_file(straight / "raw_weights/pytorch_lora_weights.safetensors")
     assert any(not torch.equal(main[k], raw[k]) for k in main)

@@ -8,7 +8,6 @@ import shutil
 import signal
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -86,7 +85,8 @@ def test_captions_override_the_instance_prompt(default_model_dir, instance_dir, 
     (folder / "coffee.txt").write_text("a sks cup of coffee\n")
     seen = []
     original = training.BatchMaker.embeds
-    monkeypatch.setattr(training.BatchMaker, "embeds", lambda self, prompts: seen.extend(prompts) or original(self, prompts))
+    monkeypatch.setattr(training.BatchMaker, "embeds",
+                        lambda self, prompts: seen.extend(prompts) or original(self, prompts))
     assert run_training(args(default_model_dir, folder, tmp_path / "run", "--max_train_steps", "3",
                              "--train_batch_size", "2")) == 0
     assert "a sks cup of coffee" in seen and "a photo of sks cat" in seen
@@ -105,18 +105,28 @@ def _lora(out):
     return load_file(out / "pytorch_lora_weights.safetensors")
 
 
-def test_resume_is_exact(default_model_dir, instance_dir, tmp_path):
-    """N steps, stop, resume to 2N == 2N straight (CPU, fp32), with flips, random crops and dropout."""
-    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip", "--lora_dropout", "0.1",
-             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--train_text_encoder")
+def straight_and_resumed(model_dir, data_dir, tmp_path, *extra):
+    """Train 4 steps straight (checkpoint at 2), then resume a copy of checkpoint-2 to 4 elsewhere."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_training(args(default_model_dir, instance_dir, straight, *extra)) == 0
+    assert run_training(args(model_dir, data_dir, straight, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                             *extra)) == 0
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_training(args(default_model_dir, instance_dir, resumed, *extra, "--resume_from_checkpoint",
-                             "latest")) == 0
-    a, b = _lora(straight), _lora(resumed)
+    assert run_training(args(model_dir, data_dir, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                             *extra, "--resume_from_checkpoint", "latest")) == 0
+    return straight, resumed
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(default_model_dir, instance_dir, tmp_path):
+    """N steps, stop, resume to 2N == 2N straight (CPU, fp32), with flips, random crops and dropout."""
+    straight, resumed = straight_and_resumed(default_model_dir, instance_dir, tmp_path, "--random_flip",
+                                             "--lora_dropout", "0.1", "--lr_scheduler", "cosine",
+                                             "--lr_warmup_steps", "1", "--train_text_encoder")
+    assert_same_tensors(_lora(straight), _lora(resumed))
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [3, 4]
 
 
@@ -200,5 +210,6 @@ def test_config_file_sets_flags_and_command_line_wins(tmp_path):
     toml.write_text('instance_data_dir = "x"\ninstance_prompt = "a sks"\nrank = 8\nlearning_rate = 2e-4\n'
                     'validation_prompt = ["a", "b"]\nflat_sigma = 0\n')
     config = parse_config(["--config", str(toml), "--rank", "16"])
-    assert (config.rank, config.learning_rate, config.validation_prompt, config.flat_sigma) == (16, 2e-4, ["a", "b"], 0.0)
+    got = (config.rank, config.learning_rate, config.validation_prompt, config.flat_sigma)
+    assert got == (16, 2e-4, ["a", "b"], 0.0)
     assert config.alpha == 16.0 and config.noise_seed == config.seed
