@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from flatlora_diffusion.default_model import DEFAULT_MODEL_DIR, ensure_default_model
+    from flatlora_diffusion.default_model import ensure_default_model
 
     from .callbacks import Studio
     from .runs import AppError
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except AppError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    studio = Studio(args.base or ensure_default_model(DEFAULT_MODEL_DIR), runs_dir, lora_files)
+    studio = Studio(args.base or ensure_default_model(), runs_dir, lora_files)
     try:
         demo = build_ui(studio)  # loads the base model, so a wrong --base fails here, once
     except (OSError, ValueError) as error:

@@ -1,4 +1,11 @@
-"""The embedded default model: a tiny SDXL-architecture pipeline built offline from a seed.
+"""The embedded default model: a tiny SDXL-architecture pipeline.
+
+Two forms of the same architecture:
+- the pretrained one, committed at `flatlora_diffusion/assets/tiny-sdxl-world/` (trained on the
+  procedural shapes world by `python -m flatlora_diffusion.pretrain`, so prompts like "a red
+  circle on a blue background" draw what they say); this is the default everywhere;
+- a randomly initialised one built offline from a seed (`build_default_pipeline`), the fallback
+  when the committed folder is missing and the starting point of the pretraining.
 
 It has every part of SDXL that our code touches (two CLIP text encoders whose penultimate
 hidden states are concatenated for cross-attention, a pooled projection, `text_time` added
@@ -22,7 +29,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .atomic import atomic_directory
 from .tokenizer import save_tokenizer_files, vocab_size
 
-DEFAULT_MODEL_DIR = Path("models/tiny-sdxl")
+WORLD_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-sdxl-world"  # committed, pretrained
+RANDOM_MODEL_DIR = Path("models/tiny-sdxl")  # written on demand from a seed
 TEXT_WIDTH = 64
 TIME_EMBED_DIM = 16
 MAX_TOKENS = 32
@@ -86,8 +94,8 @@ def build_default_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = Non
     )
 
 
-def write_default_model(folder: str | Path = DEFAULT_MODEL_DIR, seed: int = 0) -> Path:
-    """Write the default model as a diffusers folder (atomically) and return its path."""
+def write_default_model(folder: str | Path = RANDOM_MODEL_DIR, seed: int = 0) -> Path:
+    """Write the randomly initialised model as a diffusers folder (atomically) and return its path."""
     folder = Path(folder)
     with atomic_directory(folder) as tmp:
         save_tokenizer_files(tmp / "tokenizer", max_length=MAX_TOKENS)
@@ -97,9 +105,11 @@ def write_default_model(folder: str | Path = DEFAULT_MODEL_DIR, seed: int = 0) -
     return folder
 
 
-def ensure_default_model(folder: str | Path = DEFAULT_MODEL_DIR) -> Path:
-    """Return the default model folder, writing it first if it does not exist yet."""
-    folder = Path(folder)
+def ensure_default_model() -> Path:
+    """The default model folder: the committed pretrained one, else the random one (written if missing)."""
+    if (WORLD_MODEL_DIR / "model_index.json").is_file():
+        return WORLD_MODEL_DIR
+    folder = RANDOM_MODEL_DIR
     if not (folder / "model_index.json").is_file():
         write_default_model(folder)
     return folder
@@ -107,13 +117,13 @@ def ensure_default_model(folder: str | Path = DEFAULT_MODEL_DIR) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", nargs="?", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("folder", nargs="?", default=str(RANDOM_MODEL_DIR))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if Path(args.folder).exists():
         print(f"error: {args.folder} already exists; remove it or choose another folder", file=sys.stderr)
         return 2
-    print(f"wrote the default tiny SDXL model to {write_default_model(args.folder, args.seed)}")
+    print(f"wrote the randomly initialised tiny SDXL model to {write_default_model(args.folder, args.seed)}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """`make demo`: the main job end to end on the embedded default model, on a CPU, in minutes.
 
-1. build the default tiny SDXL model (once), 2. make instance photos from scikit-image's bundled
-CC0 cat photo, 3. train a short Flat-LoRA with train_dreambooth_flat.py, 4. reload the exported
-file into a fresh diffusers pipeline and draw base vs LoRA with the same seeds.
+1. take the default model (the committed tiny SDXL pretrained on the shapes world), 2. draw a
+new subject it has never seen (a yellow star, a shape absent from pretraining) as 5 instance
+images, 3. train a short Flat-LoRA with train_dreambooth_flat.py binding it to "sks", 4. reload
+the exported file into a fresh diffusers pipeline and draw base vs LoRA with the same seeds, on
+the training background and on backgrounds the subject was never shown on.
 """
 
 from __future__ import annotations
@@ -13,38 +15,43 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import toy_world
 from .cli import run_training
-from .default_model import DEFAULT_MODEL_DIR, ensure_default_model
+from .default_model import ensure_default_model
 from .validation import side_by_side
 
 DEMO_DATA = Path("demo_data/instance")
-PROMPT = "a photo of sks cat"
+PROMPT = "a sks shape on a blue background"
+NEW_PROMPTS = ("a sks shape on a white background", "a sks shape on a black background")
+SUBJECT = dict(shape="star", colour="yellow", background="blue")
 
 
 def make_instance_images(folder: Path = DEMO_DATA) -> Path:
-    """Four views of the same cat (crops and a flip of skimage.data.chelsea)."""
-    from skimage import data
-
+    """Five views of the subject: a yellow star on blue, at different sizes and places."""
     folder.mkdir(parents=True, exist_ok=True)
-    cat = Image.fromarray(data.chelsea())  # 451 x 300
-    views = [cat, cat.crop((40, 0, 340, 300)), cat.crop((100, 20, 380, 300)),
-             cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-    for i, view in enumerate(views):
-        view.save(folder / f"cat_{i}.png")
+    views = [(32, 32, 20), (24, 28, 14), (40, 36, 16), (30, 40, 12), (36, 26, 18)]
+    for i, (cx, cy, half_width) in enumerate(views):
+        scene = toy_world.Scene(cx=cx, cy=cy, half_width=half_width, **SUBJECT)
+        Image.fromarray(toy_world.render(scene)).save(folder / f"subject_{i}.png")
     return folder
 
 
-def compare_in_fresh_pipeline(model_dir: Path, run_dir: Path, seeds=(0, 1, 2, 3)) -> Path:
-    """Load the LoRA the way a user would (diffusers' load_lora_weights) and draw both rows."""
+def draw(pipe, prompts: list[str], seed: int = 0) -> list[Image.Image]:
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, generator=generators, num_inference_steps=25, guidance_scale=4.0).images
+
+
+def compare_in_fresh_pipeline(model_dir: Path, run_dir: Path) -> Path:
+    """Load the LoRA the way a user would (diffusers' load_lora_weights) and draw both rows:
+    columns 1-2 the training prompt, 3-4 the subject on backgrounds it was never shown on."""
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=20, guidance_scale=5.0)
-    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    base = pipe([PROMPT] * len(seeds), generator=gens(), **kwargs).images
+    prompts = [PROMPT, PROMPT, *NEW_PROMPTS]
+    base = draw(pipe, prompts)
     pipe.load_lora_weights(run_dir)
-    lora = pipe([PROMPT] * len(seeds), generator=gens(), **kwargs).images
+    lora = draw(pipe, prompts)
     path = run_dir / "demo_base_vs_lora.png"
     side_by_side([base, lora]).save(path)
     return path
@@ -52,20 +59,21 @@ def compare_in_fresh_pipeline(model_dir: Path, run_dir: Path, seeds=(0, 1, 2, 3)
 
 def main() -> int:
     started = time.time()
-    model_dir = ensure_default_model(DEFAULT_MODEL_DIR)
+    model_dir = ensure_default_model()
     instance_dir = make_instance_images()
     run_dir = Path("outputs") / time.strftime("demo-%Y%m%d-%H%M%S")
     code = run_training([
         "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(instance_dir),
         "--instance_prompt", PROMPT, "--output_dir", str(run_dir), "--resolution", "64", "--center_crop",
-        "--random_flip", "--max_train_steps", "150", "--learning_rate", "1e-3", "--rank", "8",
-        "--lora_alpha", "8", "--flat_sigma", "0.1", "--checkpointing_steps", "75",
-        "--validation_prompt", PROMPT, "--validation_steps", "75", "--num_validation_images", "4",
-        "--validation_inference_steps", "20"])
+        "--train_text_encoder", "--max_train_steps", "200", "--learning_rate", "1e-3", "--rank", "8",
+        "--lora_alpha", "8", "--flat_sigma", "0.1", "--checkpointing_steps", "100", "--train_batch_size", "4",
+        "--validation_prompt", PROMPT, "--validation_prompt", NEW_PROMPTS[0], "--validation_steps", "100",
+        "--num_validation_images", "4", "--validation_inference_steps", "25", "--validation_guidance_scale", "4"])
     if code != 0:
         return code
     comparison = compare_in_fresh_pipeline(model_dir, run_dir)
     print(f"\nmodel:        {model_dir}/ (StableDiffusionXLPipeline.from_pretrained loads it)")
+    print(f"subject:      {SUBJECT['colour']} {SUBJECT['shape']} (a shape the model never saw), prompt {PROMPT!r}")
     print(f"instances:    {instance_dir}/")
     print(f"LoRA files:   {run_dir}/pytorch_lora_weights.safetensors (diffusers), "
           f"pytorch_lora_weights_kohya.safetensors (ComfyUI/A1111)")

@@ -32,7 +32,7 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
 from . import toy_world
 from .atomic import atomic_directory
-from .default_model import build_default_pipeline, scheduler_config
+from .default_model import WORLD_MODEL_DIR, build_default_pipeline, scheduler_config
 from .diffusion_objective import EpsilonObjective
 from .ema import Ema
 from .pretrain_vae import latent_stats, psnr, train_vae
@@ -40,7 +40,6 @@ from .sdxl_conditioning import drop_captions, encode_tokens, time_ids, tokenize
 from .timed_loop import in_final_part, run_steps
 from .tokenizer import save_tokenizer_files
 
-WORLD_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-sdxl-world"
 DECAY_COMMIT_TENTHS = 7  # the UNet commits to its step count at 70 % of its time; the rest decays
 
 

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkp
 from .conditioning import PromptEmbeds
 from .config import TrainConfig
 from .data import derived_seed, load_examples
-from .default_model import DEFAULT_MODEL_DIR, ensure_default_model
+from .default_model import ensure_default_model
 from .errors import UserError
 from .flat_lora import FlatLora
 from .lora import LoraOptions, add_text_encoder_lora, add_unet_lora, freeze_lora_after_hidden_state
@@ -86,7 +86,7 @@ def check_output_dir(config: TrainConfig) -> None:
 def resolve_model_path(config: TrainConfig) -> str:
     if config.pretrained_model_name_or_path:
         return config.pretrained_model_name_or_path
-    return str(ensure_default_model(DEFAULT_MODEL_DIR))
+    return str(ensure_default_model())
 
 
 def count_total_steps(config: TrainConfig, n_samples: int, world_size: int) -> int:

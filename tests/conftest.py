@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import pytest
@@ -13,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread is as fast and immune to oversubscription on a busy 2-core machine.
 torch.set_num_threads(1)
 
-from flatlora_diffusion.default_model import build_default_pipeline, write_default_model  # noqa: E402
+from flatlora_diffusion.default_model import (  # noqa: E402
+    WORLD_MODEL_DIR, build_default_pipeline, write_default_model)
 from flatlora_diffusion.tokenizer import save_tokenizer_files  # noqa: E402
 
 
@@ -26,7 +28,17 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory):
-    """The embedded default model written to disk once per test session."""
+    """The embedded default (pretrained) model, copied so that no test can alter the committed one."""
+    if not (WORLD_MODEL_DIR / "model_index.json").is_file():
+        return write_default_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    copy = tmp_path_factory.mktemp("models") / "tiny-sdxl-world"
+    shutil.copytree(WORLD_MODEL_DIR, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """The randomly initialised model of the same architecture, written by the real code path."""
     return write_default_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
