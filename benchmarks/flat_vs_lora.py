@@ -23,7 +23,10 @@ torch.cuda.max_memory_allocated over the steps (weights included). On the CPU: t
 peak resident set (VmHWM = getrusage ru_maxrss) over the steps, after resetting the high-water
 mark to the current RSS just before the first step (/proc/self/clear_refs), so that model
 construction cannot hide the training peak; "step +MiB" is that peak minus the RSS before the
-first step.
+first step. glibc keeps freed large buffers for reuse when they were allocated from its heap
+(its mmap threshold adapts upwards), so on the CPU the peak RSS can include freed per-layer
+buffers; --mmap-threshold 131072 fixes the threshold for the probes, and the peak is then that
+of live memory (what max_memory_allocated reports on a GPU).
 """
 
 from __future__ import annotations
@@ -191,7 +194,11 @@ def memory_in_subprocesses(args: argparse.Namespace, names: list[str]) -> dict[s
     result = {}
     for name in names:
         command = [sys.executable, "-m", "benchmarks.flat_vs_lora", *args.argv, "--memory-probe", name]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        if args.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                              env=env)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe {name} failed:\n{done.stderr[-3000:]}")
         result[name] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -248,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="rounds run first and not timed")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory subprocess (0: skip memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="CPU: run the memory probes with glibc MALLOC_MMAP_THRESHOLD_ fixed at this many bytes "
+                             "(e.g. 131072), so freed large buffers go back to the OS: the peak RSS is then the "
+                             "peak of live memory, not what the allocator keeps")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, 1 warm-up, 1 memory step")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)

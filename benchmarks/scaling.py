@@ -19,12 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(model: str, precision: str, rank: int, resolution: int, steps: int, warmup: int) -> dict:
+def measure(model: str, precision: str, rank: int, resolution: int, steps: int, warmup: int,
+            extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "benchmarks.flat_vs_lora", "--model", model, "--precision", precision,
                    "--rank", str(rank), "--resolution", str(resolution), "--variants", "lora,flat",
-                   "--steps", str(steps), "--warmup", str(warmup), "--memory-steps", "1", "--json", str(out)]
+                   "--steps", str(steps), "--warmup", str(warmup), "--memory-steps", "1", "--json", str(out), *extra]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--plot", default=str(ROOT / "docs" / "benchmark_scaling.png"))
     parser.add_argument("--json", help="write all points to this JSON file")
+    parser.add_argument("--mmap-threshold", type=int, help="passed to flat_vs_lora (CPU peak RSS of live memory)")
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     resolutions = [int(r) for r in args.resolutions.split(",")]
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def point(rank: int, resolution: int) -> dict:
         if (rank, resolution) not in cache:
-            cache[rank, resolution] = measure(args.model, args.precision, rank, resolution, args.steps, args.warmup)
+            extra = ["--mmap-threshold", str(args.mmap_threshold)] if args.mmap_threshold else []
+            cache[rank, resolution] = measure(args.model, args.precision, rank, resolution, args.steps, args.warmup,
+                                              extra)
         return cache[rank, resolution]
 
     rank_points = [point(r, resolutions[0]) for r in ranks]
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## against rank ({args.model}, {resolutions[0]} px, {args.precision})\n\n{table(rank_points)}\n")
     print(f"## against resolution ({args.model}, rank {ranks[0]}, {args.precision})\n\n{table(res_points)}\n")
     plot(rank_points, res_points, Path(args.plot),
-         f"Flat-LoRA vs LoRA, {args.model} model, {args.precision}, batch 1, CPU/GPU as printed above")
+         f"Flat-LoRA vs LoRA, {args.model} model, precision {args.precision}, batch 1 (machine: see the printed reports)")
     if args.json:
         Path(args.json).write_text(json.dumps(list(cache.values()), indent=2))
     print(f"wrote {args.plot}")
