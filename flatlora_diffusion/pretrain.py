@@ -134,7 +134,8 @@ def train_autoencoder(pipe, images: np.ndarray, cfg: PretrainConfig, record: dic
                                                          toy_world.held_out_combos()))
     g = generator(cfg.seed, "vae")
     record["vae_steps"] = train_vae(vae, images, batch=cfg.vae_batch, lr=cfg.vae_lr, generator=g,
-                                    steps=cfg.vae_steps, budget_s=_budget(cfg, cfg.vae_steps, cfg.vae_share, log), log=log)
+                                    steps=cfg.vae_steps, log=log,
+                                    budget_s=_budget(cfg, cfg.vae_steps, cfg.vae_share, log))
     record["vae_psnr_db"] = psnr(vae, held)
     log(f"VAE PSNR on held-out images: {record['vae_psnr_db']:.2f} dB")
     record["decoder_steps"] = train_vae(vae, images, batch=cfg.vae_batch, lr=cfg.decoder_lr, generator=g,

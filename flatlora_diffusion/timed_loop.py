@@ -44,7 +44,8 @@ def run_steps(step: Callable[[int, int | None], float], name: str, steps: int | 
         i += 1
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
         elapsed = time.perf_counter() - start
-        if total is None and (elapsed >= commit_tenths / 10 * budget_s or total_from_commit(i, commit_tenths) >= max_steps):
+        if total is None and (elapsed >= commit_tenths / 10 * budget_s
+                              or total_from_commit(i, commit_tenths) >= max_steps):
             total = min(max_steps, max(i, total_from_commit(i, commit_tenths)))
             log(f"[{name}] {elapsed / i:.2f} s/step so far -> committing to {total} steps")
         if i % log_every == 0 or i == total:

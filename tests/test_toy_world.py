@@ -88,7 +88,8 @@ def test_budgeted_loop_commits_to_a_total_that_a_fixed_run_repeats():
         total = total_from_commit(k, 7)
         assert [s for s in range(total) if in_final_part(s, total, 7)] == list(range(k, total))
     seen = []
-    done, _ = run_steps(lambda i, total: seen.append(total) or 0.0, "t", budget_s=0.0, commit_tenths=7, log=lambda m: None)
+    done, _ = run_steps(lambda i, total: seen.append(total) or 0.0, "t", budget_s=0.0, commit_tenths=7,
+                        log=lambda m: None)
     assert done == 1 and seen == [None]
     assert lr_factor(0, None, warmup=50) == pytest.approx(1 / 50)
     assert lr_factor(99, 100, warmup=50) < 0.2 < lr_factor(60, 100, warmup=50)
