@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import PromptEmbeds, encode_prompts
-from .data import Example, Prepared, prepare_image
+from .data import Prepared, is_flipped, prepare_image
 from .streams import Draw
 from .images import load_rgb
 
@@ -32,37 +32,40 @@ class BatchMaker:
         self.cache_latents = config.center_crop
         self.cache_prompts = text_encoders is None
         self.text_encoders = text_encoders or parts.text_encoders
-        self._latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._latent_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._prompt_cache: dict[str, PromptEmbeds] = {}
 
     def batch(self, stream, draws: list[Draw], generator: torch.Generator) -> Batch:
-        samples = [self._sample(stream, d) for d in draws]
-        means, stds = zip(*(self._latent_dist(stream.examples[i], prepared, i) for i, prepared in samples))
+        means, stds, time_ids = zip(*(self._encoded(stream, d) for d in draws))
         mean, std = torch.stack(means), torch.stack(stds)
         noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
         latents = (mean + std * noise) * self.parts.vae.config.scaling_factor
-        prompts = [stream.examples[i].prompt for i, _ in samples]
-        time_ids = torch.stack([prepared.time_ids for _, prepared in samples])
-        return Batch(latents.to(self.device, self.latent_dtype), prompts, time_ids.to(self.device))
+        prompts = [stream.examples[d.index].prompt for d in draws]
+        return Batch(latents.to(self.device, self.latent_dtype), prompts, torch.stack(time_ids).to(self.device))
 
-    def _sample(self, stream, draw: Draw) -> tuple[int, Prepared]:
+    def _encoded(self, stream, draw: Draw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent mean, latent std, time ids) of one sample; with a centre crop, from the cache.
+
+        The cache key (image, size, flip) is known before the image is read, so a cached sample
+        costs no file read, resize or VAE pass (85 ms a step at 1024 px otherwise).
+        """
         cfg = self.config
-        prepared = prepare_image(load_rgb(stream.examples[draw.index].path), draw.size, cfg.center_crop,
-                                 cfg.random_flip, stream.seed, draw.epoch, draw.index)
-        return draw.index, prepared
-
-    @torch.no_grad()
-    def _latent_dist(self, example: Example, prepared: Prepared, index: int):
-        key = (example.path, prepared.target_size, prepared.crop_top_left, prepared.flipped)
+        flipped = is_flipped(cfg.random_flip, stream.seed, draw.epoch, draw.index)
+        key = (stream.examples[draw.index].path, draw.size, flipped)
         if self.cache_latents and key in self._latent_cache:
             return self._latent_cache[key]
-        vae = self.parts.vae
-        pixels = prepared.pixels.unsqueeze(0).to(self.device, vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        value = (dist.mean[0].float(), dist.std[0].float())
+        prepared = prepare_image(load_rgb(key[0]), draw.size, cfg.center_crop, cfg.random_flip, stream.seed,
+                                 draw.epoch, draw.index)
+        value = (*self._latent_dist(prepared), prepared.time_ids)
         if self.cache_latents:
             self._latent_cache[key] = value
         return value
+
+    @torch.no_grad()
+    def _latent_dist(self, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.parts.vae
+        dist = vae.encode(prepared.pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
+        return dist.mean[0].float(), dist.std[0].float()
 
     def embeds(self, prompts: list[str]) -> PromptEmbeds:
         if not self.cache_prompts:

@@ -57,11 +57,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(derived_seed("order", seed, epoch)).permutation(n)
 
 
+def is_flipped(random_flip: bool, seed: int, epoch: int, index: int) -> bool:
+    """The flip of sample `index` in `epoch`: its own draw, so it is known without the image."""
+    return random_flip and np.random.default_rng(derived_seed("flip", seed, epoch, index)).random() < 0.5
+
+
 def prepare_image(img: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
                   seed: int, epoch: int, index: int) -> Prepared:
     """Resize to cover `size` (h, w; an int is a square), crop it, maybe flip (as the diffusers SDXL script)."""
     height, width = (size, size) if isinstance(size, int) else size
-    rng = np.random.default_rng(derived_seed("augment", seed, epoch, index))
+    rng = np.random.default_rng(derived_seed("crop", seed, epoch, index))
     original = (img.height, img.width)
     scale = max(width / img.width, height / img.height)
     resized = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
@@ -72,7 +77,7 @@ def prepare_image(img: Image.Image, size: int | tuple[int, int], center_crop: bo
         top = int(rng.integers(0, img.height - height + 1))
         left = int(rng.integers(0, img.width - width + 1))
     img = img.crop((left, top, left + width, top + height))
-    flipped = random_flip and rng.random() < 0.5
+    flipped = is_flipped(random_flip, seed, epoch, index)
     if flipped:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = resized[0] - left - width  # the crop as seen in the flipped image

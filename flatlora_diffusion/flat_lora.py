@@ -19,7 +19,7 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from peft.tuners.lora import LoraLayer

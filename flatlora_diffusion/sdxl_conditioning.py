@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids [n, max_length], padded and truncated exactly as the pipeline does."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+from .conditioning import tokenize  # noqa: F401  (re-exported: the pretraining tokenizes once, up front)
 
 
 def encode_tokens(text_encoder, text_encoder_2, ids: torch.Tensor, ids_2: torch.Tensor):

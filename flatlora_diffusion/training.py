@@ -239,10 +239,10 @@ def compute_loss(run: Run, batch: Batch, embeds: PromptEmbeds, n_instance: int,
     return loss
 
 
-def optimizer_step(run: Run, step: int) -> float:
+def optimizer_step(run: Run, step: int) -> torch.Tensor:
     """All micro-batches of one optimizer step under one Flat-LoRA noise draw, then the update."""
     cfg, acc = run.config, run.accelerator
-    total = 0.0
+    total = torch.zeros((), device=acc.device)
     with run.flat.perturb(step):
         for micro in range(cfg.gradient_accumulation_steps):
             last = micro == cfg.gradient_accumulation_steps - 1
@@ -250,7 +250,7 @@ def optimizer_step(run: Run, step: int) -> float:
                 batch, embeds, n_instance, generator = micro_batch(run, step, micro)
                 loss = compute_loss(run, batch, embeds, n_instance, generator) / cfg.gradient_accumulation_steps
                 acc.backward(loss)
-            total += loss.item()
+            total += loss.detach()  # no .item() here: it would wait for the GPU every micro-batch
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_([p for m in run.trained.values() for p in m.parameters() if p.requires_grad],
                             cfg.max_grad_norm)
@@ -286,7 +286,7 @@ def train(config: TrainConfig) -> Path:
     with stop_on_signals() as stop:
         for step in bar:
             started = time.perf_counter()
-            loss = acc.reduce(torch.tensor(optimizer_step(run, step), device=acc.device), "mean").item()
+            loss = acc.reduce(optimizer_step(run, step), "mean").item()
             sigma_t = run.flat.sigma_at(step)
             bar.set_postfix(loss=f"{loss:.4f}", sigma_t=f"{sigma_t:.4f}")
             record(run, log, step + 1, loss, sigma_t, time.perf_counter() - started)

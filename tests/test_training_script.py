@@ -213,3 +213,15 @@ def test_config_file_sets_flags_and_command_line_wins(tmp_path):
     got = (config.rank, config.learning_rate, config.validation_prompt, config.flat_sigma)
     assert got == (16, 2e-4, ["a", "b"], 0.0)
     assert config.alpha == 16.0 and config.noise_seed == config.seed
+
+
+def test_centre_crop_caches_latents_so_each_image_is_read_once_per_flip(default_model_dir, instance_dir, tmp_path,
+                                                                        monkeypatch):
+    import flatlora_diffusion.batches as batches
+
+    reads = []
+    original = batches.load_rgb
+    monkeypatch.setattr(batches, "load_rgb", lambda path: reads.append(path.name) or original(path))
+    assert run_training(args(default_model_dir, instance_dir, tmp_path / "run", "--center_crop", "--random_flip",
+                             "--max_train_steps", "12")) == 0
+    assert len(reads) <= 2 * 3 and len(set(reads)) == 3  # 12 samples of 3 images, at most 2 flips each
