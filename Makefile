@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo model lint clean
+.PHONY: setup test demo model world-model shape-classifier lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,12 @@ model: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+world-model: setup
+	$(PY) -m flatlora_diffusion.pretrain --seed 0 --images 32000 --vae-steps 712 --decoder-steps 363 --unet-steps 2000
+
+shape-classifier: setup
+	$(PY) -m flatlora_diffusion.train_shape_classifier
 
 lint: setup
 	$(VENV)/bin/ruff check .
