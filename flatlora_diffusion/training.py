@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import signal
@@ -83,6 +84,21 @@ def check_output_dir(config: TrainConfig) -> None:
                         "or pass --resume_from_checkpoint latest")
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
+
+
+def check_tracker_available(config: TrainConfig) -> None:
+    """accelerate only warns and logs nothing when a tracker is missing; we refuse at start."""
+    if config.report_to is None:
+        return
+    packages = TRACKER_PACKAGES.get(config.report_to)
+    if packages is None:
+        raise UserError(f"--report_to {config.report_to}: unknown tracker (one of {', '.join(TRACKER_PACKAGES)})")
+    if not any(importlib.util.find_spec(p) for p in packages):
+        raise UserError(f"--report_to {config.report_to} needs the '{packages[0]}' package (pip install {packages[0]})")
+
+
 def resolve_model_path(config: TrainConfig) -> str:
     if config.pretrained_model_name_or_path:
         return config.pretrained_model_name_or_path
@@ -147,6 +163,7 @@ def build_streams(config: TrainConfig, instance_examples):
 def setup(config: TrainConfig) -> Run:
     check_output_dir(config)
     check_optimizer_available(config)
+    check_tracker_available(config)
     instance_examples = load_examples(config.instance_data_dir, config.instance_prompt, config.caption_extension)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
                               project_dir=config.output_dir)

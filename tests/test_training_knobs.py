@@ -110,3 +110,11 @@ def test_missing_optional_package_is_a_clear_error(flags, package, default_model
     assert run_training(args(default_model_dir, instance_dir, tmp_path / "o", *flags)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and package in err[0] and "pip install" in err[0]
+
+
+def test_missing_tracker_is_a_clear_error(default_model_dir, instance_dir, tmp_path, capsys):  # noqa: F811
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here; the missing-package path cannot be exercised")
+    assert run_training(args(default_model_dir, instance_dir, tmp_path / "o", "--report_to", "tensorboard")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install tensorboard" in err[0] and not (tmp_path / "o").exists()
