@@ -68,9 +68,9 @@ def summary(results: dict) -> dict:
     return out
 
 
-def _cell(stats: dict, sigma: float) -> str:
-    text = f"{stats['mean']:.3f} ± {stats['sd']:.3f}" if abs(stats["mean"]) >= 1e-3 or stats["mean"] == 0 \
-        else f"{stats['mean']:.2e} ± {stats['sd']:.1e}"
+def _cell(stats: dict, sigma: float, fraction: bool) -> str:
+    # fractions of prompts read best with fixed decimals; losses span decades, so significant digits
+    text = f"{stats['mean']:.3f} ± {stats['sd']:.3f}" if fraction else f"{stats['mean']:.3g} ± {stats['sd']:.2g}"
     if sigma != 0:
         p = stats["p"]
         text += " (p n/a)" if math.isnan(p) else f" (p={p:.3f}{'*' if p < 0.05 else ''})"
@@ -86,7 +86,8 @@ def markdown_table(results: dict, stats: dict) -> str:
     for key, label, better in metric_rows(results):
         base = results["base"].get(key)
         base_text = "–" if base is None else f"{base:.3f}"
-        cells = " | ".join(_cell(stats[key][f"{s:g}"], s) for s in sigmas)
+        fraction = key not in ("loss",) and not key.startswith("sharpness")
+        cells = " | ".join(_cell(stats[key][f"{s:g}"], s, fraction) for s in sigmas)
         lines.append(f"| {label} | {better} | {base_text} | {cells} |")
     return "\n".join(lines)
 
@@ -259,7 +260,6 @@ def write_report(results: dict, samples: dict, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stats = summary(results)
-    quick = results["protocol"]["steps"] < 50
     for name, plot in (("eval_metrics.png", lambda p: plot_metrics(results, p)),
                        ("eval_sharpness.png", lambda p: plot_sharpness(results, p)),
                        ("eval_samples.png", lambda p: plot_samples(samples, results["prompts"]["held_out"], p))):
@@ -267,6 +267,12 @@ def write_report(results: dict, samples: dict, out: Path) -> Path:
             plot(tmp)
     with atomic_file(out / "eval_results.json") as tmp:
         tmp.write_text(json.dumps({**results, "summary": stats}, indent=1, allow_nan=True))
-    with atomic_file(out / "EVALUATION.md") as tmp:
-        tmp.write_text(render_markdown(results, stats, quick))
-    return out / "EVALUATION.md"
+    return write_markdown(results, out)
+
+
+def write_markdown(results: dict, out: Path) -> Path:
+    """(Re)write EVALUATION.md from raw results, e.g. those of eval_results.json, without rerunning."""
+    results = {key: value for key, value in results.items() if key != "summary"}
+    with atomic_file(Path(out) / "EVALUATION.md") as tmp:
+        tmp.write_text(render_markdown(results, summary(results), results["protocol"]["steps"] < 50))
+    return Path(out) / "EVALUATION.md"

@@ -98,6 +98,9 @@ def test_reduced_evaluation_writes_the_report(default_model_dir, tmp_path):
     assert "subject fidelity" in text and "sharpness, rho = 0.1" in text and "Quick (CI) run" in text
     results = json.loads((out / "eval_results.json").read_text())
     assert [(r["seed"], r["sigma"]) for r in results["runs"]] == [(0, 0.0), (0, 0.1)]
+    before = text
+    eval_report.write_markdown(results, out)  # the report can be rebuilt from the raw JSON alone
+    assert (out / "EVALUATION.md").read_text().split("## Results")[1] == before.split("## Results")[1]
     run = results["runs"][0]
     assert 0.0 <= run["subject_fidelity"] <= 1.0 and run["loss"] > 0 and "sharpness_0.1" in run
 
