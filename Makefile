@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo model world-model shape-classifier lint clean
+.PHONY: setup test demo eval model world-model shape-classifier lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,9 @@ model: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+eval: setup
+	$(PY) -m flatlora_diffusion.dreambooth_eval --seeds 5 --sigmas 0 0.05 0.1 0.15 --out docs
 
 world-model: setup
 	$(PY) -m flatlora_diffusion.pretrain --seed 0 --images 32000 --vae-steps 712 --decoder-steps 363 --unet-steps 2000
