@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## against rank ({args.model}, {resolutions[0]} px, {args.precision})\n\n{table(rank_points)}\n")
     print(f"## against resolution ({args.model}, rank {ranks[0]}, {args.precision})\n\n{table(res_points)}\n")
     plot(rank_points, res_points, Path(args.plot),
-         f"Flat-LoRA vs LoRA, {args.model} model, precision {args.precision}, batch 1 (machine: see the printed reports)")
+         f"Flat-LoRA vs LoRA, {args.model} model, precision {args.precision}, batch 1 "
+         "(machine: see the printed reports)")
     if args.json:
         Path(args.json).write_text(json.dumps(list(cache.values()), indent=2))
     print(f"wrote {args.plot}")

