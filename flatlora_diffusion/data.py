@@ -22,6 +22,7 @@ from .images import list_images, load_rgb, read_caption
 class Example:
     path: Path
     prompt: str
+    size: tuple[int, int] = (0, 0)  # (height, width) after EXIF orientation, read when checked
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ def load_examples(folder: str | Path, prompt: str, caption_extension: str = ".tx
     """Every image of `folder`, each checked to decode, with its caption file or `prompt`."""
     examples = []
     for path in list_images(folder, what):
-        load_rgb(path)  # a corrupt file fails now, naming the file, not in the middle of training
-        examples.append(Example(path, read_caption(path, caption_extension) or prompt))
+        img = load_rgb(path)  # a corrupt file fails now, naming the file, not in the middle of training
+        examples.append(Example(path, read_caption(path, caption_extension) or prompt, (img.height, img.width)))
     return examples
 
 

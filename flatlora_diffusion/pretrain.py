@@ -36,7 +36,8 @@ from .default_model import WORLD_MODEL_DIR, build_default_pipeline, scheduler_co
 from .diffusion_objective import EpsilonObjective
 from .ema import Ema
 from .pretrain_vae import latent_stats, psnr, train_vae
-from .sdxl_conditioning import drop_captions, encode_tokens, time_ids, tokenize
+from .conditioning import tokenize
+from .sdxl_conditioning import drop_captions, encode_tokens, time_ids
 from .timed_loop import in_final_part, run_steps
 from .tokenizer import save_tokenizer_files
 

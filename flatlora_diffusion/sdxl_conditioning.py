@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .conditioning import tokenize  # noqa: F401  (re-exported: the pretraining tokenizes once, up front)
-
 
 def encode_tokens(text_encoder, text_encoder_2, ids: torch.Tensor, ids_2: torch.Tensor):
     """(prompt_embeds [n, L, w1 + w2], pooled [n, projection_dim]) with gradients if the encoders need them."""

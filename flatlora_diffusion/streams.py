@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 from .buckets import epoch_batches, make_buckets, nearest_bucket
 from .data import Example, derived_seed, epoch_order
-from .images import load_rgb
 
 
 class Draw(NamedTuple):
@@ -50,7 +49,7 @@ class BucketStream:
     def __init__(self, examples: list[Example], seed: int, resolution: int, repeats: int = 1):
         self.examples, self.seed, self.repeats = examples, seed, repeats
         buckets = make_buckets(resolution)
-        self.bucket_of = [nearest_bucket(*_image_hw(e), buckets) for e in examples]
+        self.bucket_of = [nearest_bucket(*e.size, buckets) for e in examples]
 
     def samples_per_epoch(self, batch_size: int) -> int:
         """Batches per epoch x batch size (a bucket's last batch may be short)."""
@@ -77,11 +76,6 @@ class BucketStream:
             order = epoch_order(len(pool), derived_seed(self.seed, size), epoch)
             draws.append(Draw(pool[int(order[offset])], epoch, size))
         return draws
-
-
-def _image_hw(example: Example) -> tuple[int, int]:
-    img = load_rgb(example.path)
-    return img.height, img.width
 
 
 def make_stream(examples: list[Example], seed: int, resolution: int, repeats: int, buckets: bool):

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import warnings
 
-import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
@@ -19,19 +18,6 @@ TRAIN_STEPS = 3
 METADATA = training_metadata(steps=TRAIN_STEPS, learning_rate=1e-2, resolution=64, seed=0, sigma=0.1,
                              schedule="constant", flat_seed=0, started_at=1_700_000_000.0, title="test run")
 _TRAINED: dict[str, tuple] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run these tiny models on one thread (import this fixture into a test module to use it).
-
-    On a shared 2-core machine two intra-op threads spin against each other: a tiny UNet forward
-    measured 40 ms on one thread and seconds on two. Results are compared within one setting.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fresh_pipe(model_dir) -> StableDiffusionXLPipeline:

@@ -16,7 +16,7 @@ from flatlora_diffusion.lora_formats import read_safetensors, to_diffusers, writ
 from flatlora_diffusion.lora_set import LoraSet, ModuleLora
 from flatlora_diffusion.sdxl_config import meta_sdxl_models
 from tests.lora_helpers import (assert_same_outputs, fresh_pipe, no_warnings_allowed,  # noqa: F401
-                                one_thread, trained_export)
+                                trained_export)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from flatlora_diffusion.lora_import import load_lora_into_pipeline
 from flatlora_diffusion.lora_set import LoraFileError
 from tests.helpers import TEST_LORA, unet_inputs, unet_loss
 from tests.lora_helpers import (METADATA, assert_same_outputs, fresh_pipe, no_warnings_allowed,  # noqa: F401
-                                one_thread, outputs, trained_export)
+                                outputs, trained_export)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from flatlora_diffusion.inference import (active_loras, apply_loras, generate, g
                                           lora_disabled, read_lora_metadata)
 from flatlora_diffusion.lora_set import LoraFileError
 from tests.helpers import TEST_LORA, add_test_loras
-from tests.lora_helpers import fresh_pipe, one_thread  # noqa: F401 (autouse fixture)
+from tests.lora_helpers import fresh_pipe  # noqa: F401  (a fixture)
 
 SETTINGS = dict(steps=2, guidance=1.0, width=64, height=64)  # no CFG: half the compute
 

@@ -16,7 +16,7 @@ from flatlora_diffusion.lora_import import load_lora_into_pipeline
 from flatlora_diffusion.lora_set import LoraFileError
 from flatlora_diffusion.sdxl_config import SDXL_UNET_CONFIG, meta_sdxl_models
 from tests.lora_helpers import (assert_same_outputs, fresh_pipe, no_warnings_allowed,  # noqa: F401
-                                one_thread, trained_export)
+                                trained_export)
 
 SUFFIX = r"\.(lora_down\.weight|lora_up\.weight|alpha)$"
 UNET_KEY = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_\d+(_\d+)?_.*" + SUFFIX)
