@@ -38,7 +38,8 @@ import torch
 from . import toy_world
 from .evaluate_world import generate
 from .flat_lora import FlatLora
-from .sdxl_conditioning import encode_tokens, time_ids, tokenize
+from .conditioning import tokenize
+from .sdxl_conditioning import encode_tokens, time_ids
 from .world_metrics import Measurement, load_shape_classifier, measure
 
 TOKEN = "sks"
