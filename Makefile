@@ -15,22 +15,23 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 model: setup
-	test -f models/tiny-sdxl/model_index.json || $(PY) -m flatlora_diffusion.default_model models/tiny-sdxl
+	test -f models/tiny-sdxl/model_index.json || $(PY) -m flatlora_diffusion.sdxl.default_model models/tiny-sdxl
 
 test: setup
 	$(PY) -m pytest -q tests
 
 eval: setup
-	$(PY) -m flatlora_diffusion.dreambooth_eval --seeds 5 --sigmas 0 0.05 0.1 0.15 --out docs
+	$(PY) -m flatlora_diffusion.evaluation.dreambooth --seeds 5 --sigmas 0 0.05 0.1 0.15 --out docs
 
 world-model: setup
-	$(PY) -m flatlora_diffusion.pretrain --seed 0 --images 32000 --vae-steps 712 --decoder-steps 363 --unet-steps 2000
+	$(PY) -m flatlora_diffusion.toyworld.pretrain --seed 0 --images 32000 --vae-steps 712 --decoder-steps 363 --unet-steps 2000
 
 shape-classifier: setup
-	$(PY) -m flatlora_diffusion.train_shape_classifier
+	$(PY) -m flatlora_diffusion.toyworld.train_shape_classifier
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=. $(VENV)/bin/lint-imports
 
 demo: setup
 	$(PY) -m flatlora_diffusion.demo

@@ -13,7 +13,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flatlora_diffusion.cli import run_training
+    from flatlora_diffusion.training.cli import run_training
 
     return run_training(argv)
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
-    from flatlora_diffusion.default_model import ensure_default_model
+    from flatlora_diffusion.sdxl.default_model import ensure_default_model
 
     from .callbacks import Studio
     from .runs import AppError

@@ -24,8 +24,7 @@ from matplotlib.figure import Figure
 
 from flatlora_diffusion.inference import apply_loras, generate, generate_base_and_lora, load_base
 
-from .runs import (AppError, LoraSource, discover_sources, list_samples, lookup, read_config, read_metadata,
-                   read_metrics)
+from .runs import AppError, LoraSource, discover_sources, list_samples, lookup, read_config, read_metadata, read_metrics
 
 Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress is called
 MAX_SEED = 2**32 - 1

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flatlora_diffusion.lora_formats import DIFFUSERS_FILE, KOHYA_FILE, read_lora_metadata
+from flatlora_diffusion.lora.formats import DIFFUSERS_FILE, KOHYA_FILE, read_lora_metadata
 
 SUFFIX = ".safetensors"
 FILE_LABEL = "file: "  # prefix that tells a loose file from a run folder in the run picker

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from flatlora_diffusion.lora import LoraOptions, add_text_encoder_lora, add_unet_lora
+from flatlora_diffusion.lora.attach import LoraOptions, add_text_encoder_lora, add_unet_lora
 
 from .machine import print_machine
 from .models import MODELS, build_parts

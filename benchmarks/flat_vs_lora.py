@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flatlora_diffusion import training
-from flatlora_diffusion.config import TrainConfig
-from flatlora_diffusion.flat_lora import FlatLora
+from flatlora_diffusion.flat.flat_lora import FlatLora
+from flatlora_diffusion.training import loop as training
+from flatlora_diffusion.training.config import TrainConfig
 
 from .machine import print_machine
 from .models import MODELS, build_parts, parameter_count

@@ -1,10 +1,10 @@
 """The three benchmark models, built in memory from config dicts (random weights, no download).
 
-tiny: the embedded default model (flatlora_diffusion.default_model), what the tests train.
+tiny: the embedded default model (flatlora_diffusion.sdxl.default_model), what the tests train.
 mid:  SDXL's layout at about half width (block_out_channels 160/320/640, transformer layers
       1/2/4, text encoders 512 and 768 wide): every layer type of SDXL at a CPU-friendly cost.
 sdxl: stabilityai/stable-diffusion-xl-base-1.0's published UNet, text-encoder and VAE configs
-      (flatlora_diffusion.sdxl_config + the VAE below), so every layer has its real cost.
+      (flatlora_diffusion.sdxl.published_configs + the VAE below), so every layer has its real cost.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from flatlora_diffusion import default_model
-from flatlora_diffusion.models import SDXLParts
-from flatlora_diffusion.sdxl_config import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG, SDXL_UNET_CONFIG
-from flatlora_diffusion.tokenizer import save_tokenizer_files, vocab_size
+from flatlora_diffusion.sdxl import default_model
+from flatlora_diffusion.sdxl.models import SDXLParts
+from flatlora_diffusion.sdxl.published_configs import (
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_TEXT_ENCODER_CONFIG,
+    SDXL_UNET_CONFIG,
+)
+from flatlora_diffusion.sdxl.tokenizer import save_tokenizer_files, vocab_size
 
 MODELS = ("tiny", "mid", "sdxl")
 
@@ -70,7 +74,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_parts(name: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> SDXLParts:
-    """SDXLParts as `flatlora_diffusion.models.load_sdxl` returns them, frozen, in eval mode.
+    """SDXLParts as `flatlora_diffusion.sdxl.models.load_sdxl` returns them, frozen, in eval mode.
 
     UNet and text encoders in `dtype` (the training precision), the VAE in fp32 as
     `freeze_precision` keeps the stock SDXL VAE.

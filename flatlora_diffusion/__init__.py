@@ -2,7 +2,7 @@
 
 import logging
 
-from .flat_lora import FlatLora, FlatLoraError, sigma_at
+from .flat.flat_lora import FlatLora, FlatLoraError, sigma_at
 
 
 class _DropTorchvisionNotice(logging.Filter):

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import toy_world
-from .cli import run_training
-from .default_model import ensure_default_model
-from .validation import side_by_side
+from flatlora_diffusion.toyworld import toy_world
+
+from .sdxl.default_model import ensure_default_model
+from .sdxl.sampling import side_by_side
+from .training.cli import run_training
 
 DEMO_DATA = Path("demo_data/instance")
 PROMPT = "a sks shape on a blue background"

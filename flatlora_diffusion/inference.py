@@ -25,10 +25,10 @@ from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .kohya_names import COMPONENTS
-from .lora_formats import read_lora_metadata
-from .lora_import import load_lora_into_pipeline
-from .lora_set import LoraFileError
+from .lora.formats import read_lora_metadata
+from .lora.kohya_names import COMPONENTS
+from .lora.load import load_lora_into_pipeline
+from .lora.lora_set import LoraFileError
 
 __all__ = ["load_base", "apply_loras", "active_loras", "generate", "generate_base_and_lora",
            "lora_disabled", "read_lora_metadata", "adapter_name_for"]

@@ -14,9 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one thread is as fast and immune to oversubscription on a busy 2-core machine.
 torch.set_num_threads(1)
 
-from flatlora_diffusion.default_model import (  # noqa: E402
-    WORLD_MODEL_DIR, build_default_pipeline, write_default_model)
-from flatlora_diffusion.tokenizer import save_tokenizer_files  # noqa: E402
+from flatlora_diffusion.sdxl.default_model import WORLD_MODEL_DIR, build_default_pipeline, write_default_model  # noqa: E402
+from flatlora_diffusion.sdxl.tokenizer import save_tokenizer_files  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flatlora_diffusion.lora import LoraOptions, add_text_encoder_lora, add_unet_lora
+from flatlora_diffusion.lora.attach import LoraOptions, add_text_encoder_lora, add_unet_lora
 
 # alpha != rank and random (non-zero) B, so that no test can pass because the LoRA is a no-op.
 TEST_LORA = LoraOptions(rank=4, alpha=6.0, init="none")

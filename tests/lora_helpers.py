@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from flatlora_diffusion import FlatLora
-from flatlora_diffusion.export import save_lora_files, training_metadata
-from flatlora_diffusion.lora import lora_parameters
+from flatlora_diffusion.lora.attach import lora_parameters
+from flatlora_diffusion.lora.save import save_lora_files, training_metadata
 from tests.helpers import TEST_LORA, add_test_loras, text_inputs, text_loss, unet_inputs, unet_loss
 
 TRAIN_STEPS = 3

@@ -1,0 +1,27 @@
+"""The training command line: parse, train, and turn user errors into one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from flatlora_diffusion.errors import UserError
+
+
+def run_training(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .config import parse_config
+    from .loop import Interrupted, train
+
+    try:
+        config = parse_config(argv)
+        output_dir = train(config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        print(f"{stop}; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"done: LoRA files, samples and metrics are in {output_dir}")
+    return 0
