@@ -116,11 +116,22 @@ def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Mod
         freeze_lora_after_hidden_state(parts.text_encoder, SDXL_TEXT_ENCODER_1_HIDDEN_STATE)
         trained["text_encoder_2"] = add_text_encoder_lora(parts.text_encoder_2, options)
     if config.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-        for name in ("text_encoder", "text_encoder_2"):
-            if name in trained:
-                trained[name].gradient_checkpointing_enable()
+        enable_gradient_checkpointing(trained)
     return trained
+
+
+def enable_gradient_checkpointing(trained: dict[str, torch.nn.Module]) -> None:
+    """Recompute activations in backward, in the UNet and in the trained text encoders.
+
+    transformers checkpoints a layer only in training mode (`gradient_checkpointing and
+    self.training`) and load_sdxl leaves every model in eval(), so the text encoders are put in
+    train() (the diffusers script does the same; CLIP's dropout probabilities are 0 in SDXL's
+    configs, and LoRA dropout modules were already in training mode)."""
+    trained["unet"].enable_gradient_checkpointing()
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in trained:
+            trained[name].activation_checkpointing_enable()
+            trained[name].train()
 
 
 def parameter_groups(config: TrainConfig, trained: dict[str, torch.nn.Module]) -> list[dict]:
