@@ -58,6 +58,8 @@ class TrainConfig:
     max_train_steps: int | None = _f(None, "optimizer steps in total (overrides epochs)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet (and text encoders)")
+    torch_compile: bool = _f(False, "compile the UNet with torch.compile; the first steps are slow")
+    torch_compile_backend: str = _f("inductor", "torch.compile backend (inductor; aot_eager to debug)")
     learning_rate: float = _f(1e-4, "learning rate of the UNet LoRA")
     text_encoder_lr: float | None = _f(None, "learning rate of the text-encoder LoRA (default: --learning_rate)")
     lr_scheduler: str = _f("constant", "LR schedule", choices=SCHEDULERS)
@@ -140,6 +142,8 @@ class TrainConfig:
             raise UserError(f"--snr_gamma must be > 0, got {self.snr_gamma}")
         if self.noise_offset < 0:
             raise UserError(f"--noise_offset must be >= 0, got {self.noise_offset}")
+        if self.torch_compile_backend != "inductor" and not self.torch_compile:
+            raise UserError("--torch_compile_backend is set but --torch_compile is not")
         if self.validation_steps is not None and not self.validation_prompt:
             raise UserError("--validation_steps is set but no --validation_prompt is given")
 

@@ -117,6 +117,9 @@ def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Mod
         trained["text_encoder_2"] = add_text_encoder_lora(parts.text_encoder_2, options)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(trained)
+    if config.torch_compile:
+        # in place: state-dict keys, unwrapping and the exports stay as they are
+        trained["unet"].compile(backend=config.torch_compile_backend)
     return trained
 
 
