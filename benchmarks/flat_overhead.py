@@ -75,6 +75,13 @@ class _null:
         return False
 
 
+def _flat_lora_class(package: str):
+    try:
+        return importlib.import_module(f"{package}.flat.flat_lora").FlatLora
+    except ModuleNotFoundError:
+        return importlib.import_module(f"{package}.flat_lora").FlatLora
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="mid")
@@ -85,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--packages", default="flatlora_diffusion",
-                        help="comma-separated packages providing .flat_lora.FlatLora, interleaved")
+                        help="comma-separated packages providing .flat.flat_lora.FlatLora (or, laid out before "
+                             "the wings, .flat_lora.FlatLora), interleaved")
     args = parser.parse_args(argv)
     models = lora_models(args)
     flats = {}
     for package in args.packages.split(","):
-        flat_cls = importlib.import_module(f"{package}.flat_lora").FlatLora
+        flat_cls = _flat_lora_class(package)
         flats[package] = flat_cls(models, sigma=0.1, schedule="constant")
     first = next(iter(flats.values()))
     layers = [t.layer for t in first._targets]
