@@ -128,7 +128,8 @@ def fixed_outputs(pipe, setting: dict) -> dict[str, torch.Tensor]:
                                 device=device, dtype=dtype)
         unet = pipe.unet(latents, torch.tensor([500], device=device), embeds,
                          added_cond_kwargs={"text_embeds": out_2[0], "time_ids": time_ids}).sample
-    return {"unet": unet.float().cpu(), "text_encoder": hidden_1.float().cpu(), "text_encoder_2": out_2[0].float().cpu()}
+    return {"unet": unet.float().cpu(), "text_encoder": hidden_1.float().cpu(),
+            "text_encoder_2": out_2[0].float().cpu()}
 
 
 def reload_and_compare(model: Path, run: Path, setting: dict, out: Path) -> dict:
@@ -149,13 +150,16 @@ def reload_and_compare(model: Path, run: Path, setting: dict, out: Path) -> dict
                          width=setting["resolution"], generator=torch.Generator().manual_seed(0)).images[0]
             image.save(out / "kohya_file_sample.png")
         del pipe
-    diffusers_file, kohya_file = outputs["pytorch_lora_weights.safetensors"], outputs["pytorch_lora_weights_kohya.safetensors"]
-    report = {}
-    for part, base in outputs["base"].items():
-        report[part] = {"lora_minus_base": (diffusers_file[part] - base).abs().max().item(),
-                        "diffusers_file_minus_kohya_file": (diffusers_file[part] - kohya_file[part]).abs().max().item(),
-                        "finite": bool(torch.isfinite(diffusers_file[part]).all() and torch.isfinite(kohya_file[part]).all())}
-    return report
+    diffusers_file = outputs["pytorch_lora_weights.safetensors"]
+    kohya_file = outputs["pytorch_lora_weights_kohya.safetensors"]
+    return {part: {"lora_minus_base": _max_difference(diffusers_file[part], base),
+                   "diffusers_file_minus_kohya_file": _max_difference(diffusers_file[part], kohya_file[part]),
+                   "finite": bool(diffusers_file[part].isfinite().all() and kohya_file[part].isfinite().all())}
+            for part, base in outputs["base"].items()}
+
+
+def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
 
 
 def main(argv: list[str] | None = None) -> int:
