@@ -6,7 +6,8 @@ import contextlib
 
 import torch
 
-from flatlora_diffusion.flat.flat_lora import FlatLora
+from flatlora_diffusion.errors import UserError
+from flatlora_diffusion.flat.flat_lora import FlatLora, FlatLoraError
 
 
 class NoPerturbation:
@@ -27,7 +28,11 @@ class NoPerturbation:
 
 def make_perturbation(config, trained: dict[str, torch.nn.Module], total_steps: int,
                       rank: int) -> FlatLora | NoPerturbation:
+    """FlatLora over the trained models; a layer it cannot perturb is one error line naming it."""
     if config.flat_sigma == 0:
         return NoPerturbation()
-    return FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total_steps,
-                    seed=config.noise_seed, rank=rank)
+    try:
+        return FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total_steps,
+                        seed=config.noise_seed, rank=rank)
+    except FlatLoraError as error:
+        raise UserError(f"--flat_sigma {config.flat_sigma}: {error} (--flat_sigma 0 trains plain LoRA)") from None
