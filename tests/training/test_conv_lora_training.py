@@ -10,10 +10,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+from flatlora_diffusion.errors import UserError
 from flatlora_diffusion.lora.load import load_lora_into_pipeline
 from flatlora_diffusion.training.cli import run_training
 from flatlora_diffusion.training.config import TrainConfig
-from flatlora_diffusion.errors import UserError
 from tests.training.test_training_script import args, assert_same_tensors, instance_dir, straight_and_resumed  # noqa: F401
 
 CONV = ("--conv_rank", "2", "--conv_alpha", "3")  # linear: --rank 4 --lora_alpha 6 (see args)
