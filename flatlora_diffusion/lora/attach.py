@@ -27,29 +27,15 @@ class LoraOptions:
     conv_alpha: float | None = field(default=None, metadata={"help": "alpha of the conv LoRA (default: conv_rank)"})
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.alpha is None:
-            self.alpha = float(self.rank)
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        self.alpha = _checked_rank_and_alpha("", self.rank, self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
-        self._check_conv()
-
-    def _check_conv(self):
-        if self.conv_rank is None:
-            if self.conv_alpha is not None:
-                raise ValueError("conv_alpha is set but conv_rank is not")
-            return
-        if self.conv_rank < 1:
-            raise ValueError(f"conv_rank must be >= 1, got {self.conv_rank}")
-        if self.conv_alpha is None:
-            self.conv_alpha = float(self.conv_rank)
-        if self.conv_alpha <= 0:
-            raise ValueError(f"conv_alpha must be > 0, got {self.conv_alpha}")
+        if self.conv_rank is not None:
+            self.conv_alpha = _checked_rank_and_alpha("conv_", self.conv_rank, self.conv_alpha)
+        elif self.conv_alpha is not None:
+            raise ValueError("conv_alpha is set but conv_rank is not")
 
     @property
     def scale(self) -> float:
@@ -74,6 +60,16 @@ class LoraOptions:
                           init_lora_weights=init, target_modules=[*targets, *conv_targets],
                           rank_pattern={re.escape(p): conv_rank for p in conv_targets},
                           alpha_pattern={re.escape(p): conv_alpha for p in conv_targets})
+
+
+def _checked_rank_and_alpha(prefix: str, rank: int, alpha: float | None) -> float:
+    """The alpha of a (rank, alpha) pair, alpha = rank when not given; raises naming the field."""
+    if rank < 1:
+        raise ValueError(f"{prefix}rank must be >= 1, got {rank}")
+    alpha = float(rank) if alpha is None else alpha
+    if alpha <= 0:
+        raise ValueError(f"{prefix}alpha must be > 0, got {alpha}")
+    return alpha
 
 
 def add_lora(model: torch.nn.Module, options: LoraOptions, targets: tuple[str, ...],

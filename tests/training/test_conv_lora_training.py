@@ -50,6 +50,7 @@ def test_conv_lora_run_exports_conv_modules_and_resumes_exactly(default_model_di
     assert kohya["lora_unet_output_blocks_0_0_skip_connection.alpha"].item() == 6.0
     config = json.loads((straight / "config.json").read_text())
     assert (config["conv_rank"], config["conv_alpha"]) == (2, 3.0)
+    assert "| conv LoRA rank / alpha (kohya LoCon layout) | 2 / 3.0 |" in (straight / "README.md").read_text()
     assert_loads_without_warnings(default_model_dir, straight)
 
 
