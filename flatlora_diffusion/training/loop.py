@@ -42,7 +42,7 @@ from .losses import per_sample_losses
 from .metrics import MetricsLog
 from .multiprocess import all_rng_states, any_rank, check_launch, dump_rank_state
 from .optimizers import build_optimizer
-from .perturbation import make_perturbation
+from .perturbation import NoPerturbation, make_perturbation
 from .preflight import preflight
 from .validation_loss import ValidationLoss, build_validation_loss
 
@@ -64,7 +64,7 @@ class Run:
     accelerator: Accelerator
     parts: SDXLParts
     trained: dict[str, torch.nn.Module]
-    flat: FlatLora
+    flat: FlatLora | NoPerturbation
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     batches: BatchMaker
