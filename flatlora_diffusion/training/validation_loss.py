@@ -95,9 +95,9 @@ class ValidationLoss:
         latents, noise, timesteps = latents.to(device), noise.to(device), self.timesteps.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps).to(dtype)
         with self.accelerator.autocast():
-            embeds = encode_prompts(self.text_encoders, self.parts.tokenizers, [image.prompt] * n, device)
-            prediction = self.unet(noisy, timesteps, embeds.hidden, added_cond_kwargs={
-                "text_embeds": embeds.pooled, "time_ids": image.time_ids.repeat(n, 1).to(device)}).sample
+            embeds = encode_prompts(self.text_encoders, self.parts.tokenizers, [image.prompt], device)
+            prediction = self.unet(noisy, timesteps, embeds.hidden.expand(n, -1, -1), added_cond_kwargs={
+                "text_embeds": embeds.pooled.expand(n, -1), "time_ids": image.time_ids.repeat(n, 1).to(device)}).sample
         return per_sample_mse(prediction, prediction_target(scheduler, latents, noise, timesteps))
 
     @torch.no_grad()
