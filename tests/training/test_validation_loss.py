@@ -11,6 +11,7 @@ import torch
 
 from flatlora_diffusion.data.examples import load_examples
 from flatlora_diffusion.lora.attach import LoraOptions, add_unet_lora, lora_parameters
+from flatlora_diffusion.lora.load import load_lora_file
 from flatlora_diffusion.sdxl.models import load_sdxl
 from flatlora_diffusion.training.cli import run_training
 from flatlora_diffusion.training.config import TrainConfig
@@ -76,6 +77,13 @@ def test_logged_every_n_steps_and_at_the_end_on_held_out_images(default_model_di
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
     assert all(r["val_loss"] > 0 for r in rows if "val_loss" in r)
+    # The last value is the exported LoRA's: recomputed on fresh models loaded from the file.
+    parts = load_sdxl(str(default_model_dir))
+    load_lora_file(out / "pytorch_lora_weights.safetensors", parts.unet)
+    config = TrainConfig(instance_data_dir=str(instance_dir), instance_prompt="a photo of sks cat", resolution=64,
+                         validation_loss_every=2)
+    fresh = ValidationLoss(load_examples(held_out, config.instance_prompt), config, parts, {"unet": parts.unet}, CPU)
+    assert fresh() == pytest.approx(rows[-1]["val_loss"], rel=1e-6)
 
 
 def test_resume_stays_exact_and_training_is_unchanged_with_the_validation_loss_on(default_model_dir, instance_dir,  # noqa: F811
