@@ -206,7 +206,7 @@ def browse(studio: Studio, run: str | None) -> RunView:
 
 
 def metrics_figure(rows: list[dict]) -> Figure | None:
-    """Loss (raw and smoothed) and sigma_t against step, or None without metrics."""
+    """Loss (raw, smoothed and, when logged, the validation loss) and sigma_t against step, or None without metrics."""
     if not rows:
         return None
     figure = Figure(figsize=(9, 3.2), layout="constrained")  # no pyplot: thread-safe, no GUI backend
@@ -215,6 +215,9 @@ def metrics_figure(rows: list[dict]) -> Figure | None:
     losses = [r["loss"] for r in rows if "loss" in r]
     loss_axes.plot(steps, losses, alpha=0.35, label="loss")
     loss_axes.plot(steps, _smooth(losses), label="smoothed")
+    val_rows = [r for r in rows if "val_loss" in r]  # --validation_loss_every: fixed images, noise, timesteps
+    if val_rows:
+        loss_axes.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation loss")
     loss_axes.set(title="training loss", xlabel="step")
     loss_axes.legend()
     sigma_rows = [r for r in rows if "sigma_t" in r]

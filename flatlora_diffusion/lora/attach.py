@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
+
+from .locon import locon_targets
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -19,38 +22,65 @@ class LoraOptions:
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
     init: str = field(default="gaussian", metadata={
         "help": "PEFT init_lora_weights (gaussian as the diffusers script; 'none' = random B)"})
+    conv_rank: int | None = field(default=None, metadata={
+        "help": "rank of the UNet's 3x3 conv LoRA (kohya LoCon layout, see lora.locon); None = no conv LoRA"})
+    conv_alpha: float | None = field(default=None, metadata={"help": "alpha of the conv LoRA (default: conv_rank)"})
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.alpha is None:
-            self.alpha = float(self.rank)
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        self.alpha = _checked_rank_and_alpha("", self.rank, self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.conv_rank is not None:
+            self.conv_alpha = _checked_rank_and_alpha("conv_", self.conv_rank, self.conv_alpha)
+        elif self.conv_alpha is not None:
+            raise ValueError("conv_alpha is set but conv_rank is not")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def peft_config(self, targets: tuple[str, ...]) -> LoraConfig:
+    def rank_and_alpha(self, spatial: bool) -> tuple[int, float]:
+        """(rank, alpha) of a module: the conv pair for kxk convs (k > 1) when conv LoRA is on."""
+        if spatial and self.conv_rank is not None:
+            return self.conv_rank, float(self.conv_alpha)
+        return self.rank, float(self.alpha)
+
+    def peft_config(self, targets: tuple[str, ...], conv_targets: tuple[str, ...] = ()) -> LoraConfig:
+        """`targets` at rank/alpha, `conv_targets` (full module paths) at conv_rank/conv_alpha.
+
+        The conv paths go into rank_pattern/alpha_pattern escaped and whole: PEFT matches pattern
+        keys as regexes against the end of each module path, so a loose suffix such as
+        `samplers.0.conv` would silently miss `downsamplers.0.conv` (lora/locon.py).
+        """
         init = {"default": True, "none": False}.get(self.init, self.init)
+        conv_rank, conv_alpha = self.rank_and_alpha(spatial=True)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          init_lora_weights=init, target_modules=list(targets))
+                          init_lora_weights=init, target_modules=[*targets, *conv_targets],
+                          rank_pattern={re.escape(p): conv_rank for p in conv_targets},
+                          alpha_pattern={re.escape(p): conv_alpha for p in conv_targets})
+
+
+def _checked_rank_and_alpha(prefix: str, rank: int, alpha: float | None) -> float:
+    """The alpha of a (rank, alpha) pair, alpha = rank when not given; raises naming the field."""
+    if rank < 1:
+        raise ValueError(f"{prefix}rank must be >= 1, got {rank}")
+    alpha = float(rank) if alpha is None else alpha
+    if alpha <= 0:
+        raise ValueError(f"{prefix}alpha must be > 0, got {alpha}")
+    return alpha
 
 
 def add_lora(model: torch.nn.Module, options: LoraOptions, targets: tuple[str, ...],
-             adapter_name: str = "default") -> torch.nn.Module:
+             adapter_name: str = "default", conv_targets: tuple[str, ...] = ()) -> torch.nn.Module:
     """Inject LoRA into `model` in place (diffusers models and transformers models alike).
 
     Trainable LoRA parameters are kept in fp32 even when the base is bf16/fp16: fp16 LoRA
     parameters are what makes GradScaler fail with "Attempting to unscale FP16 gradients".
     """
     model.requires_grad_(False)
-    model.add_adapter(options.peft_config(targets), adapter_name=adapter_name)
+    model.add_adapter(options.peft_config(targets, conv_targets), adapter_name=adapter_name)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
@@ -59,7 +89,11 @@ def add_lora(model: torch.nn.Module, options: LoraOptions, targets: tuple[str, .
 
 
 def add_unet_lora(unet, options: LoraOptions):
-    return add_lora(unet, options, UNET_TARGETS)
+    """LoRA on the attention projections; with `options.conv_rank`, also kohya's LoCon modules."""
+    if options.conv_rank is None:
+        return add_lora(unet, options, UNET_TARGETS)
+    locon = locon_targets(unet)
+    return add_lora(unet, options, UNET_TARGETS + locon.linear, conv_targets=locon.spatial)
 
 
 def add_text_encoder_lora(text_encoder, options: LoraOptions):

@@ -38,6 +38,11 @@ class ModuleLora:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def spatial(self) -> bool:
+        """A kxk conv (k > 1): the modules kohya's conv_dim/conv_alpha apply to."""
+        return self.down.ndim == 4 and tuple(self.down.shape[2:]) != (1, 1)
+
     def delta(self) -> torch.Tensor:
         """(alpha / rank)·up·down in fp32, shaped like the module's weight."""
         down, up = self.down.float().flatten(1), self.up.float().flatten(1)
@@ -65,9 +70,15 @@ class LoraSet:
             for name in sorted(self.modules[component]):
                 yield component, name, self.modules[component][name]
 
-    def typical(self, component: str | None = None) -> tuple[int, float]:
-        """The most common (rank, alpha): what kohya's ss_network_dim/alpha and PEFT's r/lora_alpha hold."""
-        loras = [m for c, _, m in self.items() if component in (None, c)]
+    def has(self, spatial: bool) -> bool:
+        return any(m.spatial == spatial for _, _, m in self.items())
+
+    def typical(self, component: str | None = None, spatial: bool | None = None) -> tuple[int, float]:
+        """The most common (rank, alpha): what kohya's ss_network_dim/alpha and PEFT's r/lora_alpha hold.
+
+        `spatial` restricts it to kxk convs (True) or to Linear and 1x1 modules (False).
+        """
+        loras = [m for c, _, m in self.items() if component in (None, c) and spatial in (None, m.spatial)]
         rank = collections.Counter(m.rank for m in loras).most_common(1)[0][0]
         alpha = collections.Counter(m.alpha for m in loras).most_common(1)[0][0]
         return rank, alpha

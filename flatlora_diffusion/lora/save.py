@@ -13,6 +13,7 @@ them). Only LoRA tensors are read, never a forward pass, so exporting inside or 
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 import torch
@@ -67,9 +68,10 @@ def save_lora_files(output_dir: str | Path, unet, text_encoder=None, text_encode
 
 def _check_options(lora_set: LoraSet, options: LoraOptions) -> None:
     for component, name, module in lora_set.items():
-        if module.rank != options.rank or module.alpha != float(options.alpha):
+        rank, alpha = options.rank_and_alpha(module.spatial)
+        if (module.rank, module.alpha) != (rank, alpha):
             raise LoraFileError(f"{component} {name}: rank {module.rank}, alpha {module.alpha} differ from "
-                                f"the LoraOptions (rank {options.rank}, alpha {options.alpha})")
+                                f"the LoraOptions (rank {rank}, alpha {alpha})")
 
 
 def _stringify(metadata: dict) -> dict[str, str]:
@@ -86,13 +88,21 @@ def _stringify(metadata: dict) -> dict[str, str]:
 def standard_metadata(lora_set: LoraSet) -> dict[str, str]:
     """kohya `ss_*` and `modelspec.*` keys that make A1111/ComfyUI/kohya tools treat the file as SDXL LoRA.
 
-    ss_network_dim/alpha hold the most common rank/alpha; each module's own alpha is in the file.
+    ss_network_dim/alpha hold the most common rank/alpha of the Linear and 1x1 modules, and with
+    conv LoRA ss_network_args the kxk convs' conv_dim/conv_alpha, as kohya writes them; each
+    module's own alpha is in the file.
     """
-    rank, alpha = lora_set.typical()
+    spatial = any(m.spatial for _, _, m in lora_set.items())
+    rank, alpha = lora_set.typical(spatial=False if lora_set.has(spatial=False) else None)
+    conv_args = {}
+    if spatial:
+        conv_rank, conv_alpha = lora_set.typical(spatial=True)
+        conv_args = {"ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})}
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
+        **conv_args,
         "ss_base_model_version": "sdxl_base_v1-0",  # A1111 calls a LoRA SDXL only if this starts with sdxl_
         "ss_v2": "False",
         "ss_network_train_unet_only": str(lora_set.components() == ["unet"]),

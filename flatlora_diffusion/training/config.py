@@ -49,6 +49,9 @@ class TrainConfig:
     lora_alpha: float | None = _f(None, "LoRA alpha, scale = alpha / rank (default: rank)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     train_text_encoder: bool = _f(False, "also train LoRA on both text encoders")
+    conv_rank: int | None = _f(None, "also LoRA on the UNet's 3x3 convolutions at this rank (kohya LoCon layout: "
+                                     "resnet conv1/conv2, down/upsamplers; conv_shortcut and time_emb_proj at --rank)")
+    conv_alpha: float | None = _f(None, "alpha of the conv LoRA, scale = conv_alpha / conv_rank (default: conv_rank)")
     flat_sigma: float = _f(0.1, "Flat-LoRA perturbation strength (paper: 0.1 for SDXL); 0 = plain LoRA")
     flat_schedule: str = _f("cosine", "sigma schedule", choices=("cosine", "constant"))
     flat_seed: int | None = _f(None, "seed of the Flat-LoRA noise (default: --seed)")
@@ -87,6 +90,10 @@ class TrainConfig:
     validation_steps: int | None = _f(None, "make samples every N optimizer steps (and always at the end)")
     validation_inference_steps: int = _f(25, "denoising steps of the sample images")
     validation_guidance_scale: float = _f(5.0, "guidance scale of the sample images")
+    validation_loss_every: int | None = _f(
+        None, "log a deterministic validation loss (fixed images, noise, timesteps) every N steps and at the end")
+    validation_data_dir: str | None = _f(
+        None, "held-out images for --validation_loss_every (default: the instance images)")
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder")
@@ -104,7 +111,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "conv_rank",
+                     "validation_loss_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution % 8:
@@ -113,8 +121,9 @@ class TrainConfig:
             raise UserError(f"--flat_sigma must be >= 0, got {self.flat_sigma}")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise UserError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        for name in ("lora_alpha", "conv_alpha"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("learning_rate", "prior_loss_weight"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -146,6 +155,10 @@ class TrainConfig:
             raise UserError("--torch_compile_backend is set but --torch_compile is not")
         if self.validation_steps is not None and not self.validation_prompt:
             raise UserError("--validation_steps is set but no --validation_prompt is given")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise UserError("--conv_alpha is set but --conv_rank is not: conv LoRA is off without --conv_rank")
+        if self.validation_data_dir and self.validation_loss_every is None:
+            raise UserError("--validation_data_dir is set but --validation_loss_every is not")
 
     # derived values
     @property
@@ -155,6 +168,13 @@ class TrainConfig:
     @property
     def noise_seed(self) -> int:
         return self.seed if self.flat_seed is None else self.flat_seed
+
+    def lora_options(self):
+        """The LoraOptions of the run's adapters (lora/ is imported here only: parsing flags stays light)."""
+        from flatlora_diffusion.lora.attach import LoraOptions
+
+        return LoraOptions(rank=self.rank, alpha=self.alpha, dropout=self.lora_dropout, conv_rank=self.conv_rank,
+                           conv_alpha=self.conv_alpha)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,7 +26,6 @@ from flatlora_diffusion.data.streams import make_stream
 from flatlora_diffusion.errors import UserError
 from flatlora_diffusion.flat.flat_lora import FlatLora
 from flatlora_diffusion.lora.attach import (
-    LoraOptions,
     add_text_encoder_lora,
     add_unet_lora,
     freeze_lora_after_hidden_state,
@@ -43,7 +42,9 @@ from .losses import per_sample_losses
 from .metrics import MetricsLog
 from .multiprocess import all_rng_states, any_rank, check_launch, dump_rank_state
 from .optimizers import build_optimizer
+from .perturbation import NoPerturbation, make_perturbation
 from .preflight import preflight
+from .validation_loss import ValidationLoss, build_validation_loss
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL_TEXT_ENCODER_1_HIDDEN_STATE = -2  # the hidden state conditioning.encode_prompts reads from text encoder 1
@@ -63,7 +64,7 @@ class Run:
     accelerator: Accelerator
     parts: SDXLParts
     trained: dict[str, torch.nn.Module]
-    flat: FlatLora
+    flat: FlatLora | NoPerturbation
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     batches: BatchMaker
@@ -72,6 +73,7 @@ class Run:
     total_steps: int
     start_step: int = 0
     ema: Ema | None = None
+    validation: ValidationLoss | None = None  # --validation_loss_every, main process only
     started_at: float = field(default_factory=time.time)  # Unix time, for ss_training_started_at
 
     @property
@@ -109,7 +111,7 @@ def prepare_class_images(config: TrainConfig, parts: SDXLParts, accelerator: Acc
 
 
 def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Module]:
-    options = LoraOptions(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout)
+    options = config.lora_options()
     trained = {"unet": add_unet_lora(parts.unet, options)}
     if config.train_text_encoder:
         trained["text_encoder"] = add_text_encoder_lora(parts.text_encoder, options)
@@ -177,8 +179,7 @@ def setup(config: TrainConfig) -> Run:
     total = count_total_steps(config, instances.samples_per_epoch(config.train_batch_size), accelerator.num_processes)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total, num_cycles=config.lr_num_cycles, power=config.lr_power)
-    flat = FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total,
-                    seed=config.noise_seed, rank=accelerator.process_index)
+    flat = make_perturbation(config, trained, total, accelerator.process_index)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(trained, prepared[:-1]))
     encoders = [trained["text_encoder"], trained["text_encoder_2"]] if config.train_text_encoder else None
@@ -187,6 +188,7 @@ def setup(config: TrainConfig) -> Run:
               total)
     if config.ema_decay is not None:
         run.ema = Ema(unwrapped(run), decay=config.ema_decay)
+    run.validation = build_validation_loss(config, parts, unwrapped(run), accelerator)
     maybe_resume(run)
     return run
 
@@ -312,6 +314,7 @@ def train(config: TrainConfig) -> Path:
 
 def record(run: Run, log: MetricsLog | None, step: int, loss: float, sigma_t: float, seconds: float) -> None:
     values = dict(step=step, loss=loss, lr=run.lr_scheduler.get_last_lr()[0], sigma_t=sigma_t, seconds=seconds)
+    values.update(run.validation.metrics_at(step, run.total_steps) if run.validation else {})
     if log is not None:
         log.write(**values)
     if run.config.report_to:
@@ -365,7 +368,7 @@ def finish(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
     models = unwrapped(run)
-    options = LoraOptions(rank=run.config.rank, alpha=run.config.alpha, dropout=run.config.lora_dropout)
+    options = run.config.lora_options()
     trained = (models["unet"], models.get("text_encoder"), models.get("text_encoder_2"))
     if run.ema is not None:  # raw weights beside, the EMA weights become the main files and samples
         save_lora_files(run.output_dir / "raw_weights", *trained, lora=options, metadata=training_metadata(run))

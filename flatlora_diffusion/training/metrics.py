@@ -1,4 +1,4 @@
-"""metrics.jsonl: one JSON line per optimizer step (step, loss, lr, sigma_t, seconds)."""
+"""metrics.jsonl: one JSON line per optimizer step (step, loss, lr, sigma_t, seconds; val_loss when evaluated)."""
 
 from __future__ import annotations
 

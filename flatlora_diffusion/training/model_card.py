@@ -20,6 +20,7 @@ Trained with flatlora-diffusion on `{base}`. Trigger prompt: **{prompt}**
 | setting | value |
 |---|---|
 | rank / alpha | {rank} / {alpha} |
+| conv LoRA rank / alpha (kohya LoCon layout) | {conv} |
 | Flat-LoRA sigma / schedule / seed | {sigma} / {schedule} / {seed} |
 | steps / learning rate / resolution | {steps} / {lr} / {resolution} |
 | text encoders trained | {te} |
@@ -61,7 +62,7 @@ def write_model_card(output_dir: Path, config, base: str, samples: list[Path]) -
         base=base, prompt=config.instance_prompt, rank=config.rank, alpha=config.alpha, sigma=config.flat_sigma,
         schedule=config.flat_schedule, seed=config.noise_seed, steps=config.max_train_steps or "epochs",
         lr=config.learning_rate, resolution=config.resolution, te=config.train_text_encoder,
-        prior=config.with_prior_preservation,
+        prior=config.with_prior_preservation, conv=_conv_lora(config),
         optimizer="adamw-8bit" if config.use_8bit_adam else config.optimizer, snr=config.snr_gamma or "off",
         offset=config.noise_offset or "off", ema=config.ema_decay or "off", buckets=config.aspect_buckets,
         samples=(SAMPLES_HEADING + rows) if samples else "")
@@ -69,3 +70,9 @@ def write_model_card(output_dir: Path, config, base: str, samples: list[Path]) -
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+def _conv_lora(config) -> str:
+    if config.conv_rank is None:
+        return "off"
+    return f"{config.conv_rank} / {config.conv_alpha if config.conv_alpha is not None else float(config.conv_rank)}"

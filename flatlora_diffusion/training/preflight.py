@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from flatlora_diffusion.data.images import list_images
 from flatlora_diffusion.errors import UserError
 
 from .config import TrainConfig
@@ -15,6 +16,8 @@ def preflight(config: TrainConfig) -> None:
     check_output_dir(config)
     check_optimizer_available(config)
     check_tracker_available(config)
+    if config.validation_data_dir:  # missing or image-less held-out folder: before the model loads
+        list_images(config.validation_data_dir, "validation")
 
 
 def check_output_dir(config: TrainConfig) -> None:
