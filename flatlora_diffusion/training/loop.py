@@ -22,11 +22,8 @@ from flatlora_diffusion.atomic import atomic_file
 from flatlora_diffusion.data.batches import Batch, BatchMaker
 from flatlora_diffusion.data.captions import augment_captions
 from flatlora_diffusion.data.class_pools import ClassStreams
-from flatlora_diffusion.data.dataset_config import resolve_subsets, subsets_as_dicts
-from flatlora_diffusion.data.examples import derived_seed, subset_examples
-from flatlora_diffusion.data.masks import attach_masks
-from flatlora_diffusion.data.prior import existing_class_images, generate_class_images
-from flatlora_diffusion.data.streams import make_stream
+from flatlora_diffusion.data.dataset_config import subsets_as_dicts
+from flatlora_diffusion.data.examples import derived_seed
 from flatlora_diffusion.errors import UserError
 from flatlora_diffusion.flat.flat_lora import FlatLora
 from flatlora_diffusion.lora.attach import (
@@ -42,6 +39,7 @@ from flatlora_diffusion.sdxl.sampling import pipeline_from_parts, sample_images
 
 from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .data_setup import build_streams, load_instances, prepare_class_pools
 from .ema import Ema
 from .losses import per_sample_losses
 from .metrics import MetricsLog
@@ -99,27 +97,6 @@ def count_total_steps(config: TrainConfig, n_samples: int, world_size: int) -> i
     return config.num_train_epochs * math.ceil(n_samples / per_step)
 
 
-def prepare_class_images(config: TrainConfig, parts: SDXLParts, accelerator: Accelerator, folder: Path,
-                         prompt: str) -> None:
-    """Generate the missing class images, split across processes (every rank counts, then all write)."""
-    have = len(existing_class_images(folder))
-    accelerator.wait_for_everyone()
-    if have < config.num_class_images:
-        pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder, parts.text_encoder_2)
-        with accelerator.autocast():
-            generate_class_images(pipe, folder, prompt, config.num_class_images,
-                                  config.sample_batch_size, config.resolution, config.seed,
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes, have=have)
-    accelerator.wait_for_everyone()
-
-
-def prepare_class_pools(config: TrainConfig, subsets, parts: SDXLParts, accelerator: Accelerator) -> None:
-    """Fill every generated class pool's folder (kohya regularisation folders are used as they are)."""
-    pools = dict.fromkeys(s.classes for s in subsets if s.classes is not None and s.classes.generate)
-    for folder in dict.fromkeys(f for pool in pools for f in pool.folders):
-        prepare_class_images(config, parts, accelerator, Path(folder.folder), folder.prompt)
-
-
 def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Module]:
     options = LoraOptions(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout)
     trained = {"unet": add_unet_lora(parts.unet, options)}
@@ -141,21 +118,6 @@ def parameter_groups(config: TrainConfig, trained: dict[str, torch.nn.Module]) -
         lr = config.learning_rate if name == "unet" else (config.text_encoder_lr or config.learning_rate)
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": lr})
     return groups
-
-
-def build_streams(config: TrainConfig, subsets, instance_examples):
-    """The instance stream and, with prior preservation, the class streams (square or bucketed)."""
-    instances = make_stream(instance_examples, config.seed, config.resolution, 1, config.aspect_buckets)
-    return instances, ClassStreams.build(subsets, config.seed, config.resolution, config.aspect_buckets)
-
-
-def load_instances(config: TrainConfig):
-    """The resolved subsets, their instance examples (with masks under --masked_loss) and a line to say."""
-    subsets = resolve_subsets(config)
-    examples = subset_examples(subsets)
-    if not config.masked_loss:
-        return subsets, examples, None
-    return subsets, *attach_masks(examples)
 
 
 def setup(config: TrainConfig) -> Run:
