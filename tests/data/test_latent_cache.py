@@ -63,7 +63,8 @@ def test_key_changes_with_image_content_size_crop_flip_and_vae(tmp_path, vae, im
     with torch.no_grad():
         next(other_vae.parameters()).view(-1)[0] += 1e-3
     assert vae_identity(other_vae) != vae_identity(vae)
-    assert DiskLatentCache(tmp_path / "cache", other_vae).path(cache.key(image, (32, 32), plan)) != base
+    other_cache = DiskLatentCache(tmp_path / "cache", other_vae)
+    assert other_cache.path(other_cache.key(image, (32, 32), plan)) != base
     half = type(vae).from_config(vae.config)
     half.load_state_dict(vae.state_dict())
     assert vae_identity(half.to(torch.float16)) != vae_identity(vae)  # the precision it runs in counts
