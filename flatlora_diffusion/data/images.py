@@ -37,14 +37,18 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Grayscale, palette, RGBA/LA (composited on white), CMYK and 16-bit images are converted.
     """
+    return to_rgb(open_oriented(path))
+
+
+def open_oriented(path: str | Path, what: str = "image") -> Image.Image:
+    """The decoded image with its EXIF orientation applied; an unreadable file raises, naming it."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            return ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-    return to_rgb(img)
+        raise UserError(f"cannot read {what} {path}: {err}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

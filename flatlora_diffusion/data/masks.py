@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from flatlora_diffusion.errors import UserError
 
 from .examples import Example, apply_crop, plan_crop
-from .images import IMAGE_EXTENSIONS, MASK_SUFFIX
+from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, open_oriented
 
 
 def find_mask(image_path: Path) -> Path | None:
@@ -48,12 +48,7 @@ def attach_masks(examples: list[Example]) -> tuple[list[Example], str]:
 
 def load_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
     """The mask as 8-bit grayscale (EXIF orientation applied, alpha ignored); it must match (h, w)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"cannot read mask {path}: {err}") from None
+    img = open_oriented(path, "mask")
     if (img.height, img.width) != tuple(image_size):
         raise UserError(f"mask {path} is {img.width}x{img.height}, its image is {image_size[1]}x{image_size[0]}")
     return img.convert("RGB").convert("L")
