@@ -338,7 +338,7 @@ def finish(run: Run) -> None:
         run.ema.copy_to_modules()
     samples = validate(run, "final")
     save_lora_files(run.output_dir, *trained, lora=options, metadata=training_metadata(run))
-    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples)
+    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples, trigger_prompt(run))
 
 
 def training_metadata(run: Run) -> dict[str, str]:
@@ -355,7 +355,12 @@ def training_metadata(run: Run) -> dict[str, str]:
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else cfg.optimizer,
             "ss_ema_decay": str(cfg.ema_decay or ""), "ss_enable_bucket": str(cfg.aspect_buckets),
             "ss_prediction_type": run.parts.noise_scheduler.config.prediction_type,
-            "instance_prompt": cfg.instance_prompt or run.subsets[0].images.prompt or ""}
+            "instance_prompt": trigger_prompt(run)}
+
+
+def trigger_prompt(run: Run) -> str:
+    """--instance_prompt, or the first subset's prompt (--dataset_config, kohya folders)."""
+    return run.config.instance_prompt or run.subsets[0].images.prompt or ""
 
 
 def resolved_config(run: Run) -> dict:
