@@ -98,7 +98,7 @@ class BatchMaker:
         disk_key = self.disk.key(example.path, draw.size, plan) if self.disk else None
         shape = (self.parts.vae.config.latent_channels, *(s // self._vae_scale() for s in draw.size))
         if disk_key is not None and (hit := self.disk.load(disk_key, shape)) is not None:
-            return hit
+            return hit[0].to(self.device), hit[1].to(self.device)  # entries are read on the CPU
         cfg = self.config
         prepared = prepare_image(load_rgb(example.path), draw.size, cfg.center_crop, cfg.random_flip, stream.seed,
                                  draw.epoch, draw.index)

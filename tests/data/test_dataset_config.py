@@ -151,3 +151,14 @@ def test_per_subset_repeats_set_how_often_each_image_is_drawn(tmp_path):
     buckets = BucketStream(examples, seed=0, resolution=64)
     drawn = Counter(d.index for k in range(buckets._batches_per_epoch(1)) for d in buckets.draw(k, 1))
     assert drawn == {0: 1, 1: 3}
+
+
+@pytest.mark.parametrize("flags, message", [({"caption_dropout_rate": 1.0}, "--caption_dropout_rate"),
+                                            ({"caption_dropout_rate": -0.1}, "--caption_dropout_rate"),
+                                            ({"keep_tokens": 2}, "--keep_tokens only applies with --shuffle_caption"),
+                                            ({"keep_tokens": -1, "shuffle_caption": True}, "--keep_tokens must be"),
+                                            ({"instance_data_dir": None}, "--instance_data_dir (or --dataset_config)")])
+def test_caption_and_folder_flags_are_checked(flags, message):
+    with pytest.raises(UserError) as err:
+        TrainConfig(**{"instance_data_dir": "x", "instance_prompt": "sks", **flags})
+    assert message in str(err.value)
