@@ -31,7 +31,8 @@ def vae_identity(vae: torch.nn.Module) -> str:
     for name, tensor in sorted(vae.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 
