@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,8 +21,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flatlora_diffusion.atomic import atomic_file
+from flatlora_diffusion.errors import UserError
 
 FORMAT = "flatlora-latents-1"  # bump when the pixels fed to the VAE change (resize filter, normalisation)
+
+
+def check_cache_folder(folder: str | Path) -> None:
+    """Refuse, before anything is loaded, a cache folder that is a file or cannot be written."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--cache_latents_to_disk {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--cache_latents_to_disk {folder}: {existing} is not writable")
 
 
 def vae_identity(vae: torch.nn.Module) -> str:
@@ -39,6 +51,7 @@ def vae_identity(vae: torch.nn.Module) -> str:
 class DiskLatentCache:
     def __init__(self, folder: str | Path, vae: torch.nn.Module):
         self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.vae_id = vae_identity(vae)
         self._image_hashes: dict[Path, str] = {}
 

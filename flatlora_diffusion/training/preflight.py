@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from flatlora_diffusion.data.latent_cache import check_cache_folder
 from flatlora_diffusion.errors import UserError
 
 from .config import TrainConfig
@@ -15,6 +16,8 @@ def preflight(config: TrainConfig) -> None:
     check_output_dir(config)
     check_optimizer_available(config)
     check_tracker_available(config)
+    if config.cache_latents_to_disk:
+        check_cache_folder(config.cache_latents_to_disk)
 
 
 def check_output_dir(config: TrainConfig) -> None:

@@ -211,7 +211,8 @@ def test_caption_options_resume_is_exact(default_model_dir, tagged_dir, tmp_path
 
 # ------------------------------------------------------------------ bad input
 
-@pytest.mark.parametrize("case", ["conflict", "unknown key", "empty subset", "no masks", "missing config"])
+@pytest.mark.parametrize("case", ["conflict", "unknown key", "empty subset", "no masks", "missing config",
+                                  "cache is a file"])
 def test_bad_data_options_give_one_clear_line(case, default_model_dir, instance_dir, tmp_path, capsys):  # noqa: F811
     toml = tmp_path / "data.toml"
     (tmp_path / "empty").mkdir()
@@ -222,6 +223,8 @@ def test_bad_data_options_give_one_clear_line(case, default_model_dir, instance_
         "empty subset": (dataset_args(default_model_dir, toml, out), "empty"),
         "no masks": (args(default_model_dir, instance_dir, out, "--masked_loss"), "no instance image has a mask"),
         "missing config": (dataset_args(default_model_dir, tmp_path / "nope.toml", out), "not found"),
+        "cache is a file": (args(default_model_dir, instance_dir, out, "--cache_latents_to_disk", toml),
+                            "is not a folder"),
     }
     toml.write_text('[[subsets]]\nfolder = "empty"\nprompt = "x"\n' + ("repeat = 2\n" if case == "unknown key" else ""))
     argv, expected = cases[case]
