@@ -117,9 +117,10 @@ class BatchMaker:
         return dist.mean[0].float(), dist.std[0].float()
 
     def embeds(self, prompts: list[str]) -> PromptEmbeds:
-        """Embeddings of `prompts`; a dropped (empty) prompt gets zeros, as force_zeros_for_empty_prompt."""
+        """Embeddings of `prompts`; a dropped (empty) prompt gets the pipeline's unconditional input:
+        zeros with `force_zeros_for_empty_prompt` (SDXL's default), else the encoded empty prompt."""
         kept = [p for p in prompts if p != DROPPED]
-        if len(kept) == len(prompts):
+        if len(kept) == len(prompts) or not self.parts.force_zeros_for_empty_prompt:
             return self._encode(prompts)
         zero = self._zero_embeds()
         encoded = self._encode(kept) if kept else zero

@@ -76,3 +76,20 @@ def test_prompt_embeddings_are_cached_only_when_they_cannot_change(parts):
     cached = maker(parts)
     cached.embeds(["a red circle", ""])
     assert list(cached._prompt_cache) == ["a red circle"]  # the dropped caption needs no entry
+
+
+def test_without_force_zeros_a_dropped_caption_is_the_encoded_empty_prompt(parts, tmp_path):
+    import dataclasses
+    import json
+
+    from flatlora_diffusion.sdxl.models import _force_zeros_for_empty_prompt
+
+    assert parts.force_zeros_for_empty_prompt  # read from the embedded model's model_index.json
+    (tmp_path / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
+    assert not _force_zeros_for_empty_prompt(str(tmp_path))
+    plain = dataclasses.replace(parts, force_zeros_for_empty_prompt=False)
+    got = maker(plain).embeds(["", "a red circle"])
+    with torch.no_grad():
+        want = encode_prompts(parts.text_encoders, parts.tokenizers, ["", "a red circle"], "cpu")
+    assert got.hidden.abs().max() > 0
+    assert torch.allclose(got.hidden, want.hidden, atol=1e-6) and torch.allclose(got.pooled, want.pooled, atol=1e-6)
