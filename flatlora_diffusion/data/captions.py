@@ -5,8 +5,9 @@ split at commas and each tag stripped; the first `keep_tokens` tags stay in plac
 stays first), the others are shuffled, and the caption is joined back with ", ". A dropped caption
 becomes the empty prompt, which trains the unconditional branch: with SDXL's
 `force_zeros_for_empty_prompt` (the SDXL default) that is all-zero embeddings, the input the
-pipeline gives classifier-free guidance (else the encoded empty prompt; see BatchMaker.embeds). Only instance captions are changed; class prompts stay
-as they are (prior preservation keeps the class prompt's own output).
+pipeline gives classifier-free guidance (else the encoded empty prompt; see BatchMaker.embeds).
+Only instance captions are changed; class prompts stay as they are (prior preservation keeps the
+class prompt's own output).
 
 The draws are a function of (seed, global batch number, position in the batch), the same under
 any number of processes and after a resume.

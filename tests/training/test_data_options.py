@@ -92,6 +92,18 @@ def test_kohya_parent_folder_trains_with_folder_repeats_and_prompts(default_mode
     assert [(s["images"]["repeats"], s["images"]["prompt"]) for s in subsets] == [(1, "zwx dog"), (3, "sks cat")]
 
 
+def test_kohya_class_folders_are_used_as_they_are(default_model_dir, instance_dir, tmp_path, monkeypatch):  # noqa: F811
+    _photos(tmp_path / "reg" / "1_a photo of a cat", ["r1"], size=(64, 64))
+    _photos(tmp_path / "reg" / "2_a photo of an animal", ["r2"], size=(64, 64))
+    seen = _record_batches(monkeypatch)
+    argv = args(default_model_dir, instance_dir, tmp_path / "run", "--with_prior_preservation", "--class_data_dir",
+                tmp_path / "reg", "--class_prompt", "unused", "--max_train_steps", "6", "--num_class_images", "50")
+    assert run_training(argv) == 0
+    prompts = [e.prompt for examples, _ in seen for e in examples]
+    assert prompts.count("a photo of a cat") + prompts.count("a photo of an animal") == 6
+    assert len(list((tmp_path / "reg").rglob("*.png"))) == 2  # nothing generated into regularisation folders
+
+
 # ------------------------------------------------------------------ masked loss
 
 @pytest.fixture
