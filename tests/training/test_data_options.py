@@ -184,10 +184,16 @@ def test_disk_cache_is_reused_and_corrupt_entries_recomputed(default_model_dir, 
     assert len(calls) == 3  # another size: other entries
 
 
-def test_disk_cache_resume_is_exact(default_model_dir, instance_dir, tmp_path):  # noqa: F811
+def test_disk_cache_resume_is_exact_and_skips_the_vae(default_model_dir, instance_dir, tmp_path,  # noqa: F811
+                                                     monkeypatch):
+    calls = _count_vae(monkeypatch)
     straight, resumed = straight_and_resumed(default_model_dir, instance_dir, tmp_path, "--cache_latents_to_disk",
-                                             tmp_path / "latents", "--random_flip")
+                                             tmp_path / "latents", "--random_flip", "--aspect_buckets",
+                                             "--resolution", "128")
     assert_same_tensors(load_file(straight / LORA), load_file(resumed / LORA))
+    shapes = {tuple(c[-2:]) for c in calls}
+    assert len(calls) == len(list((tmp_path / "latents").rglob("*.safetensors")))  # the resumed run: all hits
+    assert shapes and all(h * w <= 128 * 128 and h % 64 == 0 and w % 64 == 0 for h, w in shapes)
 
 
 # ------------------------------------------------------------------ captions
