@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from flatlora_diffusion.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+MASK_SUFFIX = ".mask.png"  # a loss mask beside its image (data/masks.py), never a training image itself
 
 
 def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
@@ -25,7 +26,7 @@ def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
         raise UserError(f"{what} folder is not readable: {folder}") from None
     if not files:
         raise UserError(f"{what} folder is empty: {folder}")
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.lower().endswith(MASK_SUFFIX)]
     if not images:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) among the {len(files)} files in {folder}")
     return images
@@ -36,14 +37,18 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Grayscale, palette, RGBA/LA (composited on white), CMYK and 16-bit images are converted.
     """
+    return to_rgb(open_oriented(path))
+
+
+def open_oriented(path: str | Path, what: str = "image") -> Image.Image:
+    """The decoded image with its EXIF orientation applied; an unreadable file raises, naming it."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            return ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-    return to_rgb(img)
+        raise UserError(f"cannot read {what} {path}: {err}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

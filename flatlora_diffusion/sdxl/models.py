@@ -25,6 +25,8 @@ class SDXLParts:
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     source: str
+    # the pipeline's unconditional input: zeros (SDXL base's default) or the encoded empty prompt
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def text_encoders(self):
@@ -69,7 +71,19 @@ def load_sdxl(name_or_path: str, vae_name_or_path: str | None = None) -> SDXLPar
         raise UserError(f"cannot load model {name_or_path}: {first_line}") from None
     if parts.unet.config.addition_embed_type != "text_time":
         raise UserError(f"{name_or_path} is not an SDXL model: its UNet has no text_time conditioning")
+    parts.force_zeros_for_empty_prompt = _force_zeros_for_empty_prompt(source)
     return parts
+
+
+def _force_zeros_for_empty_prompt(source: str) -> bool:
+    """model_index.json's flag (StableDiffusionXLPipeline's default True when absent or unreadable)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def _load_parts(source: str, vae_source: str | None) -> SDXLParts:

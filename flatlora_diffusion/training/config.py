@@ -44,6 +44,15 @@ class TrainConfig:
     resolution: int = _f(1024, "training resolution (multiple of 8)")
     center_crop: bool = _f(False, "center crop instead of a random crop")
     random_flip: bool = _f(False, "horizontal flip drawn per sample per epoch")
+    dataset_config: str | None = _f(
+        None, "TOML file of [[subsets]] (folder, prompt, repeats, class folder/prompt, weights) instead of the "
+        "--instance_data_dir/--class_data_dir flags")
+    masked_loss: bool = _f(False, "train only where a mask (name.mask.png or masks/name.*; white = train) says so")
+    cache_latents_to_disk: str | None = _f(
+        None, "folder of VAE latents reused across runs, keyed by image, size, crop, flip and VAE")
+    caption_dropout_rate: float = _f(0.0, "probability of training a sample unconditioned (empty prompt = zeros)")
+    shuffle_caption: bool = _f(False, "shuffle the comma-separated tags of each caption, per sample")
+    keep_tokens: int = _f(0, "with --shuffle_caption: the first N tags stay in place (the trigger stays first)")
     # LoRA and Flat-LoRA
     rank: int = _f(4, "LoRA rank")
     lora_alpha: float | None = _f(None, "LoRA alpha, scale = alpha / rank (default: rank)")
@@ -133,10 +142,7 @@ class TrainConfig:
                 raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
 
     def _check_combinations(self):
-        if not self.instance_data_dir:
-            raise UserError("--instance_data_dir is required")
-        if not self.instance_prompt:
-            raise UserError("--instance_prompt is required")
+        self._check_dataset_flags()
         if self.class_data_dir and not self.class_prompt:
             raise UserError("--class_data_dir is given but --class_prompt is not: class images need their prompt")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
@@ -159,6 +165,24 @@ class TrainConfig:
             raise UserError("--conv_alpha is set but --conv_rank is not: conv LoRA is off without --conv_rank")
         if self.validation_data_dir and self.validation_loss_every is None:
             raise UserError("--validation_data_dir is set but --validation_loss_every is not")
+
+    def _check_dataset_flags(self):
+        """--dataset_config replaces the single-folder flags; the caption options need sane numbers."""
+        if self.dataset_config is not None:
+            given = [f"--{name}" for name in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")
+                     if getattr(self, name)]
+            given += ["--with_prior_preservation"] * self.with_prior_preservation + ["--repeats"] * (self.repeats != 1)
+            if given:
+                raise UserError("--dataset_config describes every folder; it cannot be combined with "
+                                f"{', '.join(given)} (put them in the TOML file's [[subsets]])")
+        elif not self.instance_data_dir:
+            raise UserError("--instance_data_dir (or --dataset_config) is required")
+        if not 0 <= self.caption_dropout_rate < 1:
+            raise UserError(f"--caption_dropout_rate must be in [0, 1), got {self.caption_dropout_rate}")
+        if self.keep_tokens < 0:
+            raise UserError(f"--keep_tokens must be >= 0, got {self.keep_tokens}")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise UserError("--keep_tokens only applies with --shuffle_caption")
 
     # derived values
     @property

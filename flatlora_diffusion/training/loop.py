@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from flatlora_diffusion import __version__
 from flatlora_diffusion.atomic import atomic_file
 from flatlora_diffusion.data.batches import Batch, BatchMaker
-from flatlora_diffusion.data.examples import derived_seed, load_examples
-from flatlora_diffusion.data.prior import existing_class_images, generate_class_images
-from flatlora_diffusion.data.streams import make_stream
+from flatlora_diffusion.data.captions import augment_captions
+from flatlora_diffusion.data.class_pools import ClassStreams
+from flatlora_diffusion.data.dataset_config import subsets_as_dicts
+from flatlora_diffusion.data.examples import derived_seed
 from flatlora_diffusion.errors import UserError
 from flatlora_diffusion.flat.flat_lora import FlatLora
 from flatlora_diffusion.lora.attach import (
@@ -37,6 +38,7 @@ from flatlora_diffusion.sdxl.sampling import pipeline_from_parts, sample_images
 
 from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .data_setup import build_streams, load_instances, prepare_class_pools
 from .ema import Ema
 from .losses import per_sample_losses
 from .metrics import MetricsLog
@@ -69,8 +71,9 @@ class Run:
     lr_scheduler: object
     batches: BatchMaker
     instances: object  # SquareStream or BucketStream
-    classes: object | None
+    classes: ClassStreams | None
     total_steps: int
+    subsets: list = field(default_factory=list)  # the resolved data/dataset_config.Subset list
     start_step: int = 0
     ema: Ema | None = None
     validation: ValidationLoss | None = None  # --validation_loss_every, main process only
@@ -94,20 +97,6 @@ def count_total_steps(config: TrainConfig, n_samples: int, world_size: int) -> i
         return config.max_train_steps
     per_step = config.train_batch_size * config.gradient_accumulation_steps * world_size
     return config.num_train_epochs * math.ceil(n_samples / per_step)
-
-
-def prepare_class_images(config: TrainConfig, parts: SDXLParts, accelerator: Accelerator) -> None:
-    """Generate the missing class images, split across processes (every rank counts, then all write)."""
-    folder = Path(config.class_data_dir)
-    have = len(existing_class_images(folder))
-    accelerator.wait_for_everyone()
-    if have < config.num_class_images:
-        pipe = pipeline_from_parts(parts, parts.unet, parts.text_encoder, parts.text_encoder_2)
-        with accelerator.autocast():
-            generate_class_images(pipe, folder, config.class_prompt, config.num_class_images,
-                                  config.sample_batch_size, config.resolution, config.seed,
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes, have=have)
-    accelerator.wait_for_everyone()
 
 
 def attach_lora(config: TrainConfig, parts: SDXLParts) -> dict[str, torch.nn.Module]:
@@ -147,30 +136,20 @@ def parameter_groups(config: TrainConfig, trained: dict[str, torch.nn.Module]) -
     return groups
 
 
-def build_streams(config: TrainConfig, instance_examples):
-    """The instance stream and, with prior preservation, the class stream (square or bucketed)."""
-    instances = make_stream(instance_examples, config.seed, config.resolution, config.repeats, config.aspect_buckets)
-    if not config.with_prior_preservation:
-        return instances, None
-    class_examples = load_examples(config.class_data_dir, config.class_prompt, config.caption_extension, what="class")
-    classes = make_stream(class_examples, derived_seed("class-order", config.seed), config.resolution, 1,
-                          config.aspect_buckets)
-    return instances, classes
-
-
 def setup(config: TrainConfig) -> Run:
     preflight(config)
-    instance_examples = load_examples(config.instance_data_dir, config.instance_prompt, config.caption_extension)
+    subsets, instance_examples, mask_summary = load_instances(config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.report_to,
                               project_dir=config.output_dir)
     check_launch(accelerator)
+    if mask_summary:
+        accelerator.print(mask_summary)
     parts = load_sdxl(resolve_model_path(config), config.pretrained_vae_model_name_or_path)
     freeze_precision(parts, DTYPES[config.mixed_precision], config.pretrained_vae_model_name_or_path is not None)
     for model in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         model.to(accelerator.device)
-    if config.with_prior_preservation:
-        prepare_class_images(config, parts, accelerator)
-    instances, classes = build_streams(config, instance_examples)
+    prepare_class_pools(config, subsets, parts, accelerator)
+    instances, classes = build_streams(config, subsets, instance_examples)
     set_seed(config.seed)  # the LoRA init: the same on every rank and in a resumed run
     trained = attach_lora(config, parts)
     # Only LoRA dropout reads the global RNG: each rank its own masks; every rank's state is checkpointed.
@@ -185,7 +164,7 @@ def setup(config: TrainConfig) -> Run:
     encoders = [trained["text_encoder"], trained["text_encoder_2"]] if config.train_text_encoder else None
     batches = BatchMaker(parts, config, accelerator.device, DTYPES[config.mixed_precision], encoders)
     run = Run(config, accelerator, parts, trained, flat, prepared[-1], lr_scheduler, batches, instances, classes,
-              total)
+              total, subsets=subsets)
     if config.ema_decay is not None:
         run.ema = Ema(unwrapped(run), decay=config.ema_decay)
     run.validation = build_validation_loss(config, parts, unwrapped(run), accelerator)
@@ -225,11 +204,12 @@ def micro_batch(run: Run, step: int, micro: int) -> tuple[Batch, PromptEmbeds, i
     draws = run.instances.draw(batch_number, cfg.train_batch_size)
     generator = torch.Generator().manual_seed(derived_seed("step", cfg.seed, step, micro, acc.process_index))
     batch = run.batches.batch(run.instances, draws, generator)
+    batch.prompts = augment_captions(batch.prompts, cfg, batch_number)  # instance captions only
     n_instance = len(draws)
     if run.classes is not None:
-        prior = run.batches.batch(run.classes, run.classes.draw_like(batch_number, draws), generator)
-        batch = Batch(torch.cat([batch.latents, prior.latents]), batch.prompts + prior.prompts,
-                      torch.cat([batch.time_ids, prior.time_ids]))
+        subset_of = [run.instances.examples[d.index].subset for d in draws]
+        for stream, prior_draws in run.classes.draw_like(batch_number, subset_of, draws):
+            batch = Batch.cat(batch, run.batches.batch(stream, prior_draws, generator))
     with run.accelerator.autocast():  # text encoders in the training precision; the VAE ran outside
         embeds = run.batches.embeds(batch.prompts)
     return batch, embeds, n_instance, generator
@@ -247,10 +227,10 @@ def compute_loss(run: Run, batch: Batch, embeds: PromptEmbeds, n_instance: int,
                  generator: torch.Generator) -> torch.Tensor:
     predict = functools.partial(unet_prediction, run, batch, embeds)
     losses = per_sample_losses(run.parts.noise_scheduler, predict, batch.latents, generator,
-                               run.config.noise_offset, run.config.snr_gamma)
+                               run.config.noise_offset, run.config.snr_gamma, batch.masks) * batch.weights
     loss = losses[:n_instance].mean()
-    if run.classes is not None:
-        loss = loss + run.config.prior_loss_weight * losses[n_instance:].mean()
+    if len(losses) > n_instance:  # the class images; their weights carry prior_loss_weight
+        loss = loss + losses[n_instance:].mean()
     return loss
 
 
@@ -375,7 +355,7 @@ def finish(run: Run) -> None:
         run.ema.copy_to_modules()
     samples = validate(run, "final")
     save_lora_files(run.output_dir, *trained, lora=options, metadata=training_metadata(run))
-    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples)
+    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples, trigger_prompt(run))
 
 
 def training_metadata(run: Run) -> dict[str, str]:
@@ -392,13 +372,19 @@ def training_metadata(run: Run) -> dict[str, str]:
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else cfg.optimizer,
             "ss_ema_decay": str(cfg.ema_decay or ""), "ss_enable_bucket": str(cfg.aspect_buckets),
             "ss_prediction_type": run.parts.noise_scheduler.config.prediction_type,
-            "instance_prompt": cfg.instance_prompt}
+            "instance_prompt": trigger_prompt(run)}
+
+
+def trigger_prompt(run: Run) -> str:
+    """--instance_prompt, or the first subset's prompt (--dataset_config, kohya folders)."""
+    return run.config.instance_prompt or run.subsets[0].images.prompt or ""
 
 
 def resolved_config(run: Run) -> dict:
     values = run.config.to_dict()
     values.update(pretrained_model_name_or_path=resolve_model_path(run.config), total_steps=run.total_steps,
-                  num_processes=run.accelerator.num_processes, flatlora_diffusion_version=__version__)
+                  num_processes=run.accelerator.num_processes, flatlora_diffusion_version=__version__,
+                  subsets=subsets_as_dicts(run.subsets))
     return values
 
 

@@ -33,8 +33,14 @@ def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (prediction.float() - target.float()).square().mean(dim=tuple(range(1, prediction.ndim)))
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample; with a (B, 1, h, w) mask, the mask-weighted mean over the masked
+    latent pixels (so a small mask does not shrink the loss; an all-black mask gives 0)."""
+    error = (prediction.float() - target.float()).square()
+    if mask is None:
+        return error.mean(dim=tuple(range(1, prediction.ndim)))
+    mask = mask.float().expand_as(error)
+    return (error * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp(min=1e-8)
 
 
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -58,11 +64,13 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 def per_sample_losses(scheduler, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0,
-                      snr_gamma: float = 0.0) -> torch.Tensor:
+                      snr_gamma: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The (Min-SNR weighted) squared error of `predict(noisy, timesteps)` against the scheduler's target,
-    one value per sample; noise and timesteps come from `generator` (see `noisy_inputs`)."""
+    one value per sample; noise and timesteps come from `generator` (see `noisy_inputs`); `mask`: see
+    `per_sample_mse` (--masked_loss)."""
     noise, timesteps, noisy = noisy_inputs(scheduler, latents, generator, noise_offset)
-    losses = per_sample_mse(predict(noisy, timesteps), prediction_target(scheduler, latents, noise, timesteps))
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    losses = per_sample_mse(predict(noisy, timesteps), target, mask)
     if snr_gamma:
         losses = losses * min_snr_weights(scheduler, timesteps, snr_gamma)
     return losses

@@ -56,11 +56,13 @@ Copy `pytorch_lora_weights_kohya.safetensors` to `models/Lora/` and write
 SAMPLES_HEADING = "## Samples (top row: base model, bottom row: with this LoRA, same seeds)\n\n"
 
 
-def write_model_card(output_dir: Path, config, base: str, samples: list[Path]) -> Path:
+def write_model_card(output_dir: Path, config, base: str, samples: list[Path], prompt: str | None = None) -> Path:
+    """`prompt`: the trigger prompt (default --instance_prompt; with --dataset_config, the first subset's)."""
     rows = "\n".join(f"![{p.stem}](samples/{p.name})" for p in samples)
     text = CARD.format(
-        base=base, prompt=config.instance_prompt, rank=config.rank, alpha=config.alpha, sigma=config.flat_sigma,
-        schedule=config.flat_schedule, seed=config.noise_seed, steps=config.max_train_steps or "epochs",
+        base=base, prompt=prompt or config.instance_prompt or "", rank=config.rank, alpha=config.alpha,
+        sigma=config.flat_sigma, schedule=config.flat_schedule, seed=config.noise_seed,
+        steps=config.max_train_steps or "epochs",
         lr=config.learning_rate, resolution=config.resolution, te=config.train_text_encoder,
         prior=config.with_prior_preservation, conv=_conv_lora(config),
         optimizer="adamw-8bit" if config.use_8bit_adam else config.optimizer, snr=config.snr_gamma or "off",

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from flatlora_diffusion.data.images import list_images
+from flatlora_diffusion.data.latent_cache import check_cache_folder
 from flatlora_diffusion.errors import UserError
 
 from .config import TrainConfig
@@ -18,6 +19,8 @@ def preflight(config: TrainConfig) -> None:
     check_tracker_available(config)
     if config.validation_data_dir:  # missing or image-less held-out folder: before the model loads
         list_images(config.validation_data_dir, "validation")
+    if config.cache_latents_to_disk:
+        check_cache_folder(config.cache_latents_to_disk)
 
 
 def check_output_dir(config: TrainConfig) -> None:

@@ -105,15 +105,17 @@ def _lora(out):
     return load_file(out / "pytorch_lora_weights.safetensors")
 
 
-def straight_and_resumed(model_dir, data_dir, tmp_path, *extra):
-    """Train 4 steps straight (checkpoint at 2), then resume a copy of checkpoint-2 to 4 elsewhere."""
+def straight_and_resumed(model_dir, data_dir, tmp_path, *extra, argv_of=args):
+    """Train 4 steps straight (checkpoint at 2), then resume a copy of checkpoint-2 to 4 elsewhere.
+
+    `argv_of(model_dir, data_dir, out, *extra)` builds the command line (default: `args`)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_training(args(model_dir, data_dir, straight, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                             *extra)) == 0
+    assert run_training(argv_of(model_dir, data_dir, straight, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                *extra)) == 0
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert run_training(args(model_dir, data_dir, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                             *extra, "--resume_from_checkpoint", "latest")) == 0
+    assert run_training(argv_of(model_dir, data_dir, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                *extra, "--resume_from_checkpoint", "latest")) == 0
     return straight, resumed
 
 
