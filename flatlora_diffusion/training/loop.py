@@ -33,7 +33,7 @@ from flatlora_diffusion.lora.attach import (
 )
 from flatlora_diffusion.sdxl.conditioning import PromptEmbeds
 from flatlora_diffusion.sdxl.default_model import ensure_default_model
-from flatlora_diffusion.sdxl.models import SDXLParts, freeze_precision, load_sdxl
+from flatlora_diffusion.sdxl.models import SDXLParts, freeze_precision, load_sdxl, shareable_model_name
 from flatlora_diffusion.sdxl.sampling import pipeline_from_parts, sample_images
 
 from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkpoint, save_checkpoint
@@ -358,7 +358,7 @@ def finish(run: Run) -> None:
         run.ema.copy_to_modules()
     samples = validate(run, "final")
     save_lora_files(run.output_dir, *trained, lora=options, metadata=training_metadata(run))
-    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples)
+    write_model_card(run.output_dir, run.config, shareable_model_name(resolve_model_path(run.config)), samples)
 
 
 def training_metadata(run: Run) -> dict[str, str]:
@@ -369,7 +369,7 @@ def training_metadata(run: Run) -> dict[str, str]:
     meta = standard_run_metadata(
         steps=run.total_steps, learning_rate=cfg.learning_rate, resolution=cfg.resolution, seed=cfg.seed,
         sigma=cfg.flat_sigma, schedule=cfg.flat_schedule, flat_seed=cfg.noise_seed, started_at=run.started_at,
-        title=Path(cfg.output_dir).name, base_model=resolve_model_path(cfg))
+        title=Path(cfg.output_dir).name, base_model=shareable_model_name(resolve_model_path(cfg)))
     return {**meta, "ss_text_encoder_lr": str(cfg.text_encoder_lr or ""),
             "ss_min_snr_gamma": str(cfg.snr_gamma or ""), "ss_noise_offset": str(cfg.noise_offset),
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else cfg.optimizer,
