@@ -116,6 +116,7 @@ def load_lora_set(path: str | Path, models: dict[str, torch.nn.Module]) -> tuple
         if not lora_set.modules:
             raise LoraFileError("the file holds no LoRA modules")
         resolve_modules(lora_set, models)
+        lora_set.check_finite("refused")
     except (LoraFileError, LoraNameError) as error:
         raise LoraFileError(f"{path}: {error}") from None
     return lora_set, kind
