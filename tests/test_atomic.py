@@ -66,7 +66,7 @@ def test_disk_full_inside_a_folder_keeps_the_old_folder(tmp_path):
 
 def test_other_os_errors_are_not_disguised(tmp_path):
     with pytest.raises(FileNotFoundError):
-        with atomic_file(tmp_path / "a") as tmp:
+        with atomic_file(tmp_path / "a"):
             open(tmp_path / "missing" / "x")
 
 

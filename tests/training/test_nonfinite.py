@@ -12,7 +12,19 @@ import flatlora_diffusion.training.loop as training
 from flatlora_diffusion.training.checkpoint import missing_parts
 from flatlora_diffusion.training.cli import run_training
 from flatlora_diffusion.training.metrics import read_metrics
-from tests.training.test_training_script import args, instance_dir  # noqa: F401  (a fixture)
+from tests.training.test_training_script import args
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two small real photos (scikit-image's bundled CC0 images)."""
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(getattr(data, name)()).resize((96, 72)).save(folder / f"{name}.png")
+    return folder
 
 
 def poison(monkeypatch, bad_steps: set[int], where: str = "loss"):
@@ -46,10 +58,10 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
-def test_a_nan_step_is_skipped_and_counted(where, default_model_dir, instance_dir, tmp_path, monkeypatch):
+def test_a_nan_step_is_skipped_and_counted(where, default_model_dir, photos, tmp_path, monkeypatch):
     out = tmp_path / "run"
     poison(monkeypatch, {2}, where)
-    assert run_training(args(default_model_dir, instance_dir, out, "--max_train_steps", "3", "--checkpointing_steps",
+    assert run_training(args(default_model_dir, photos, out, "--max_train_steps", "3", "--checkpointing_steps",
                              "1", "--lr_scheduler", "linear", "--ema_decay", "0.9")) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["skipped"] for r in rows] == [False, True, False] and [r["skipped_steps"] for r in rows] == [0, 1, 1]
@@ -65,11 +77,11 @@ def test_a_nan_step_is_skipped_and_counted(where, default_model_dir, instance_di
     assert json.loads((out / "checkpoint-3" / "state.json").read_text())["nonfinite"]["total"] == 1
 
 
-def test_n_skips_in_a_row_stop_with_one_line_and_keep_the_good_checkpoint(default_model_dir, instance_dir, tmp_path,
+def test_n_skips_in_a_row_stop_with_one_line_and_keep_the_good_checkpoint(default_model_dir, photos, tmp_path,
                                                                          monkeypatch, capsys):
     out = tmp_path / "run"
     poison(monkeypatch, {2, 3, 4, 5, 6})
-    code = run_training(args(default_model_dir, instance_dir, out, "--max_train_steps", "6", "--checkpointing_steps",
+    code = run_training(args(default_model_dir, photos, out, "--max_train_steps", "6", "--checkpointing_steps",
                              "1", "--checkpoints_total_limit", "1", "--max_nonfinite_steps", "3"))
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -83,17 +95,17 @@ def test_n_skips_in_a_row_stop_with_one_line_and_keep_the_good_checkpoint(defaul
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
-def test_skipped_steps_resume_exactly(default_model_dir, instance_dir, tmp_path, monkeypatch):
+def test_skipped_steps_resume_exactly(default_model_dir, photos, tmp_path, monkeypatch):
     from tests.training.test_training_script import assert_same_tensors, straight_and_resumed
 
     poison(monkeypatch, {2, 3})  # one skip before the checkpoint at 2, one after it
-    straight, resumed = straight_and_resumed(default_model_dir, instance_dir, tmp_path)
+    straight, resumed = straight_and_resumed(default_model_dir, photos, tmp_path)
     assert_same_tensors(load_file(straight / "pytorch_lora_weights.safetensors"),
                         load_file(resumed / "pytorch_lora_weights.safetensors"))
     assert [r["skipped_steps"] for r in read_metrics(resumed / "metrics.jsonl")] == [2, 2]  # 1 restored + 1
 
 
-def test_the_grad_scalers_own_skip_is_reported_and_holds_the_lr(default_model_dir, instance_dir, tmp_path, monkeypatch):
+def test_the_grad_scalers_own_skip_is_reported_and_holds_the_lr(default_model_dir, photos, tmp_path, monkeypatch):
     # No fp16 GradScaler on a CPU: accelerate's report of a skipped scaler step is simulated at step 2.
     from accelerate import Accelerator
 
@@ -102,7 +114,7 @@ def test_the_grad_scalers_own_skip_is_reported_and_holds_the_lr(default_model_di
     monkeypatch.setattr(training, "micro_batch", lambda run, step, micro: steps.append(step + 1) or
                         original(run, step, micro))
     monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: steps[-1] == 2))
-    assert run_training(args(default_model_dir, instance_dir, out, "--max_train_steps", "3",
+    assert run_training(args(default_model_dir, photos, out, "--max_train_steps", "3",
                              "--lr_scheduler", "linear")) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["skipped"] for r in rows] == [False, True, False] and rows[1]["lr"] == rows[0]["lr"] > rows[2]["lr"]
