@@ -80,11 +80,11 @@ class LoraSet:
                 return f"{component} {name}"
         return None
 
-    def check_finite(self, where: str) -> None:
-        """Refuse NaN/inf weights: applied to a model they turn every image into NaN (and can stall sampling)."""
+    def check_finite(self, consequence: str) -> None:
+        """Refuse NaN/inf weights: applied to a model they turn every image into NaN."""
         bad = self.first_nonfinite()
         if bad is not None:
-            raise LoraFileError(f"{where}: non-finite (NaN/inf) LoRA weights, first in {bad}")
+            raise LoraFileError(f"non-finite (NaN/inf) LoRA weights, first in {bad}; {consequence}")
 
     def to(self, dtype: torch.dtype) -> "LoraSet":
         """A copy with contiguous CPU tensors of `dtype` (alpha stays a Python float)."""

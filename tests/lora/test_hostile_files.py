@@ -1,0 +1,78 @@
+"""Issue 14: hostile and malformed LoRA files are refused with one line by the converter, load_lora_file
+and the inference helpers; NaN weights name the first bad module; nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from flatlora_diffusion.inference import apply_loras, load_base
+from flatlora_diffusion.lora.convert import main as convert
+from flatlora_diffusion.lora.load import load_lora_file
+from flatlora_diffusion.lora.lora_set import LoraFileError
+from flatlora_diffusion.lora.save import save_lora_files
+from tests.helpers import TEST_LORA, add_test_loras
+from tests.lora.hostile_files import PICKLE_MARKER, make_hostile_files
+from tests.lora_helpers import fresh_pipe
+
+KINDS = ["truncated", "garbage header", "header length 10^12", "pickle renamed", "torch.save renamed",
+         "wrong tensor shapes", "SD 1.5 keys", "LoHa", "LoKr", "NaN weights"]
+
+
+@pytest.fixture(scope="module")
+def hostile(default_model_dir, tmp_path_factory):
+    pipe = fresh_pipe(default_model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_test_loras(pipe)
+    good = save_lora_files(tmp_path_factory.mktemp("good"), pipe.unet, pipe.text_encoder, pipe.text_encoder_2,
+                           lora=TEST_LORA)["diffusers"]
+    folder = tmp_path_factory.mktemp("hostile")
+    return folder, make_hostile_files(good, folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(default_model_dir):
+    return load_base(default_model_dir)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_converter_refuses_with_one_line(kind, hostile, default_model_dir, tmp_path, capsys):
+    folder, files = hostile
+    path, message = files[kind]
+    out = tmp_path / "out.safetensors"
+    assert convert([str(path), str(out), "--to", "kohya", "--base", str(default_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists() and not (folder / PICKLE_MARKER).exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_lora_file_refuses_and_attaches_nothing(kind, hostile, default_model_dir):
+    folder, files = hostile
+    path, message = files[kind]
+    target = fresh_pipe(default_model_dir)
+    with pytest.raises(LoraFileError, match=re.escape(message)):
+        load_lora_file(path, target.unet, target.text_encoder, target.text_encoder_2)
+    assert not getattr(target.unet, "peft_config", None) and not (folder / PICKLE_MARKER).exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_helpers_refuse_and_keep_working(kind, hostile, pipe):
+    folder, files = hostile
+    path, message = files[kind]
+    with pytest.raises(LoraFileError, match=re.escape(message)) as caught:
+        apply_loras(pipe, [(path, 1.0)])
+    assert str(path) in str(caught.value) and not (folder / PICKLE_MARKER).exists()
+    assert apply_loras(pipe, []) == []  # the pipeline is still usable
+
+
+def test_nan_weights_name_the_file_and_the_first_bad_module(hostile, pipe):
+    _, files = hostile
+    path, _ = files["NaN weights"]
+    with pytest.raises(LoraFileError) as caught:
+        apply_loras(pipe, [(path, 1.0)])
+    assert str(caught.value) == (f"{path}: non-finite (NaN/inf) LoRA weights, first in unet "
+                                 "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v; the file is refused")
