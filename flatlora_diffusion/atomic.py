@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -72,9 +73,17 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             yield Path(tmp)
             os.chmod(tmp, ordinary_mode())
             os.replace(tmp, path)
+        _remove_stale_temporaries(path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temp files of `path` that a killed process left behind (one writer per output: none is in use)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 @contextlib.contextmanager
