@@ -13,6 +13,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -43,10 +44,18 @@ def ordinary_mode(is_dir: bool = False) -> int:
     return (0o777 if is_dir else 0o666) & ~current_umask()
 
 
-def output_error(path: Path, error: OSError) -> OutputError:
-    reason = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
+def output_error(path: Path, code: int) -> OutputError:
+    reason = "disk full" if code in (errno.ENOSPC, errno.EDQUOT) else os.strerror(code)
     return OutputError(f"cannot write {path}: {reason}; nothing was written there (the previous file, if any, "
                        "is kept)")
+
+
+def os_errno(error: BaseException) -> int | None:
+    """The errno of an OSError, or of a library's wrapper of one ("... (os error 28)", safetensors' Rust I/O)."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return int(found.group(1)) if found else None
 
 
 @contextlib.contextmanager
@@ -54,9 +63,10 @@ def unwritable_as_output_error(path: Path) -> Iterator[None]:
     """Turn disk-full and permission errors while writing `path` into one OutputError."""
     try:
         yield
-    except OSError as error:
-        if error.errno in UNWRITABLE:
-            raise output_error(path, error) from None
+    except Exception as error:
+        code = os_errno(error)
+        if code in UNWRITABLE:
+            raise output_error(path, code) from None
         raise
 
 
