@@ -109,11 +109,19 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         with unwritable_as_output_error(path):
             yield tmp
-            os.chmod(tmp, ordinary_mode(is_dir=True))
+            _give_ordinary_modes(tmp)
             _replace_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _give_ordinary_modes(folder: Path) -> None:
+    """The folder, and everything in it, as open()/mkdir() would have made them (safetensors writes 0600)."""
+    os.chmod(folder, ordinary_mode(is_dir=True))
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, ordinary_mode(is_dir=path.is_dir()))
 
 
 def _replace_directory(tmp: Path, path: Path) -> None:

@@ -30,7 +30,7 @@ def test_outputs_get_the_mode_an_ordinary_write_gives(tmp_path, umask, mask, fil
     with atomic_file(tmp_path / "a.txt") as tmp:
         tmp.write_text("hello")
     with atomic_directory(tmp_path / "folder") as tmp:
-        (tmp / "inside.txt").write_text("x")
+        os.close(os.open(tmp / "inside.txt", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors' writer does
     (tmp_path / "plain.txt").write_text("ordinary")  # what the user's own tools would make
     assert mode(tmp_path / "a.txt") == file_mode == mode(tmp_path / "plain.txt")
     assert mode(tmp_path / "folder") == dir_mode and mode(tmp_path / "folder" / "inside.txt") == file_mode
