@@ -183,3 +183,16 @@ def test_resume_survives_a_half_written_metrics_line(tmp_path):
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')  # killed mid-line
     MetricsLog(path, resume_step=2).write(step=3, loss=0.3)
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+def test_a_checkpoint_with_nan_weights_is_not_saved_and_the_good_one_stays(tmp_path):
+    from flatlora_diffusion.errors import UserError
+
+    save_checkpoint(tmp_path, 1, *tiny_state(1))
+    models, optimizer, scheduler = tiny_state(2)
+    with torch.no_grad():
+        models["unet"].bias[1] = float("nan")
+    with pytest.raises(UserError, match=r"not saving checkpoint-2: LoRA weight unet\.bias is NaN/inf; the last good "
+                                        r"checkpoint is .*checkpoint-1"):
+        save_checkpoint(tmp_path, 2, models, optimizer, scheduler, total_limit=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"] and not missing_parts(tmp_path / "checkpoint-1")
