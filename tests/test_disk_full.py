@@ -12,26 +12,18 @@ import subprocess
 import uuid
 
 import pytest
-import torch
 
 from flatlora_diffusion.lora import formats
 from flatlora_diffusion.lora.convert import main as convert
-from flatlora_diffusion.lora.save import save_lora_files
 from flatlora_diffusion.training.cli import run_training
-from tests.helpers import TEST_LORA, add_test_loras
-from tests.lora_helpers import fresh_pipe
+from tests.lora.hostile_files import lora_of_random_weights
 from tests.training.test_nonfinite import photos  # noqa: F401  (a fixture)
 from tests.training.test_training_script import args
 
 
 @pytest.fixture(scope="module")
 def lora_file(default_model_dir, tmp_path_factory):
-    pipe = fresh_pipe(default_model_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        add_test_loras(pipe)
-    folder = tmp_path_factory.mktemp("lora")
-    return save_lora_files(folder, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, lora=TEST_LORA)["kohya"]
+    return lora_of_random_weights(default_model_dir, tmp_path_factory.mktemp("lora"))[1]["kohya"]
 
 
 @pytest.fixture

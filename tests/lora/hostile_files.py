@@ -67,6 +67,20 @@ def _sd15(_):
     return {f"{stem}.lora_down.weight": torch.ones(4, 768), f"{stem}.lora_up.weight": torch.ones(768, 4)}
 
 
+def lora_of_random_weights(model_dir, folder: Path, text_encoders: bool = True):
+    """(pipe, {"diffusers", "kohya"} paths): the test LoRA (random B, alpha != rank) on a fresh tiny pipe."""
+    from flatlora_diffusion.lora.save import save_lora_files
+    from tests.helpers import TEST_LORA, add_test_loras
+    from tests.lora_helpers import fresh_pipe
+
+    pipe = fresh_pipe(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_test_loras(pipe, text_encoders=text_encoders)
+    models = [pipe.unet] + ([pipe.text_encoder, pipe.text_encoder_2] if text_encoders else [])
+    return pipe, save_lora_files(folder, *models, lora=TEST_LORA)
+
+
 def make_hostile_files(good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     """{kind: (file, what the one-line refusal says)}; `good` is a valid diffusers-format LoRA of the model."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from flatlora_diffusion.inference import apply_loras, load_base
 from flatlora_diffusion.lora.convert import main as convert
 from flatlora_diffusion.lora.load import load_lora_file
 from flatlora_diffusion.lora.lora_set import LoraFileError
-from flatlora_diffusion.lora.save import save_lora_files
-from tests.helpers import TEST_LORA, add_test_loras
-from tests.lora.hostile_files import PICKLE_MARKER, make_hostile_files
+from tests.lora.hostile_files import PICKLE_MARKER, lora_of_random_weights, make_hostile_files
 from tests.lora_helpers import fresh_pipe
 
 KINDS = ["truncated", "garbage header", "header length 10^12", "pickle renamed", "torch.save renamed",
@@ -23,12 +20,8 @@ KINDS = ["truncated", "garbage header", "header length 10^12", "pickle renamed",
 
 @pytest.fixture(scope="module")
 def hostile(default_model_dir, tmp_path_factory):
-    pipe = fresh_pipe(default_model_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        add_test_loras(pipe)
-    good = save_lora_files(tmp_path_factory.mktemp("good"), pipe.unet, pipe.text_encoder, pipe.text_encoder_2,
-                           lora=TEST_LORA)["diffusers"]
+    _, paths = lora_of_random_weights(default_model_dir, tmp_path_factory.mktemp("good"))
+    good = paths["diffusers"]
     folder = tmp_path_factory.mktemp("hostile")
     return folder, make_hostile_files(good, folder)
 

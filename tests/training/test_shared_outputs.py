@@ -14,8 +14,8 @@ from flatlora_diffusion.lora.lora_set import LoraFileError
 from flatlora_diffusion.lora.save import save_lora_files
 from flatlora_diffusion.sdxl.models import shareable_model_name
 from flatlora_diffusion.training.cli import run_training
-from tests.helpers import TEST_LORA, add_test_loras
-from tests.lora_helpers import fresh_pipe
+from tests.helpers import TEST_LORA
+from tests.lora.hostile_files import lora_of_random_weights
 from tests.training.test_nonfinite import photos  # noqa: F401  (a fixture)
 from tests.training.test_training_script import args
 
@@ -57,11 +57,7 @@ def test_shareable_name_is_the_hub_id_or_the_folder_name(tmp_path):
 
 
 def test_nan_weights_are_never_written_over_good_files(default_model_dir, tmp_path):
-    pipe = fresh_pipe(default_model_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        add_test_loras(pipe)
-    paths = save_lora_files(tmp_path, pipe.unet, lora=TEST_LORA)
+    pipe, paths = lora_of_random_weights(default_model_dir, tmp_path, text_encoders=False)
     before = {kind: path.read_bytes() for kind, path in paths.items()}
     name, param = next((n, p) for n, p in pipe.unet.named_parameters() if "lora_B" in n)
     with torch.no_grad():
