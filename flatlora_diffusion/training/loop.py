@@ -42,7 +42,7 @@ from .ema import Ema
 from .losses import per_sample_losses
 from .metrics import MetricsLog
 from .multiprocess import all_rng_states, any_rank, check_launch, dump_rank_state
-from .nonfinite import NonfiniteGuard, gradients_are_finite, skip_step
+from .nonfinite import NonfiniteGuard, update_if_finite
 from .optimizers import build_optimizer
 from .preflight import preflight
 
@@ -257,19 +257,7 @@ def optimizer_step(run: Run, step: int) -> tuple[torch.Tensor, bool]:
                 loss = compute_loss(run, batch, embeds, n_instance, generator) / cfg.gradient_accumulation_steps
                 acc.backward(loss)
             total += loss.detach()  # no .item() here: it would wait for the GPU every micro-batch
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    applied = gradients_are_finite(acc, total, params, cfg.max_grad_norm)
-    if applied:
-        run.optimizer.step()
-        applied = not acc.optimizer_step_was_skipped  # fp16: the GradScaler's own skip
-    else:
-        skip_step(acc)
-    if applied:
-        run.lr_scheduler.step()
-        if run.ema is not None:
-            run.ema.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    return total, applied
+    return total, update_if_finite(acc, run.optimizer, run.lr_scheduler, run.ema, total, cfg.max_grad_norm)
 
 
 def no_sync(run: Run) -> contextlib.ExitStack:

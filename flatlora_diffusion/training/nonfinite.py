@@ -71,6 +71,27 @@ class NonfiniteGuard:
                 setattr(self, name, value)
 
 
+def update_if_finite(accelerator: Accelerator, optimizer, lr_scheduler, ema, loss: torch.Tensor,
+                     max_grad_norm: float) -> bool:
+    """Clip, then apply the optimizer, LR-scheduler and EMA update unless the step is non-finite.
+
+    Returns whether the update was applied; the gradients are zeroed either way.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    applied = gradients_are_finite(accelerator, loss, params, max_grad_norm)
+    if applied:
+        optimizer.step()
+        applied = not accelerator.optimizer_step_was_skipped  # fp16: the GradScaler's own skip
+    else:
+        skip_step(accelerator)
+    if applied:
+        lr_scheduler.step()
+        if ema is not None:
+            ema.update()
+    optimizer.zero_grad(set_to_none=True)
+    return applied
+
+
 def gradients_are_finite(accelerator: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter],
                          max_grad_norm: float) -> bool:
     """Clip (when asked) and check the loss and the gradient norm; every rank gets the same answer.
