@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from flatlora_diffusion.errors import UserError
 
-from .checkpoint import list_checkpoints
+from .checkpoint import list_complete_checkpoints
 from .multiprocess import any_rank
 
 
@@ -55,7 +55,7 @@ class NonfiniteGuard:
     def stop_if_stuck(self, step: int, output_dir: Path) -> None:
         if self.in_a_row < self.limit:
             return
-        kept = list_checkpoints(output_dir)
+        kept = list_complete_checkpoints(output_dir)
         where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
         raise UserError(f"training stopped at step {step}: {self.in_a_row} steps in a row (since step "
                         f"{self.first_of_streak}) had a NaN/inf loss or gradient and were skipped; {where}. "
