@@ -50,16 +50,19 @@ PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default, what diffusers uses when metadat
 
 # ---------------------------------------------------------------- files
 
-PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle (protocol >= 2), a torch.save zip
+# a pickle (protocol 2-5), a torch.save zip; only looked for once safetensors has refused the file,
+# since a valid header length may start with the same bytes
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
-def _refuse_pickle(path: Path) -> None:
-    """A pickle renamed to .safetensors is named as such (four bytes are read; nothing is unpickled)."""
+def _unreadable(path: Path, error: Exception) -> LoraFileError:
+    """The error for a file safetensors cannot read; a renamed pickle is named as such (never unpickled)."""
     with path.open("rb") as f:
         start = f.read(4)
     if start.startswith(PICKLE_MAGIC):
-        raise LoraFileError(f"{path}: this is a pickle (a .ckpt/.pt/.bin file renamed?), not safetensors; "
-                            "pickles can run code and are never loaded")
+        return LoraFileError(f"{path}: this is a pickle (a .ckpt/.pt/.bin file renamed?), not safetensors; "
+                             "pickles can run code and are never loaded")
+    return LoraFileError(f"{path}: not a readable safetensors file ({error})")
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -67,12 +70,11 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     path = Path(path)
     if not path.is_file():
         raise LoraFileError(f"{path}: no such file")
-    _refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from None
+        raise _unreadable(path, error) from None
 
 
 def read_lora_metadata(path: str | Path) -> dict[str, str]:
@@ -80,12 +82,11 @@ def read_lora_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise LoraFileError(f"{path}: no such file")
-    _refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from None
+        raise _unreadable(path, error) from None
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from flatlora_diffusion.inference import apply_loras, load_base
 from flatlora_diffusion.lora.convert import main as convert
@@ -69,3 +70,20 @@ def test_nan_weights_name_the_file_and_the_first_bad_module(hostile, pipe):
         apply_loras(pipe, [(path, 1.0)])
     assert str(caught.value) == (f"{path}: non-finite (NaN/inf) LoRA weights, first in unet "
                                  "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v; the file is refused")
+
+
+def test_a_valid_file_whose_header_length_looks_like_a_pickle_is_read(hostile, tmp_path):
+    import struct
+
+    from safetensors.torch import save_file
+
+    from flatlora_diffusion.lora.formats import read_safetensors
+
+    path = tmp_path / "lookalike.safetensors"
+    for pad in range(700):  # a header of 640 bytes = 80 02 00 ..., the bytes a protocol-2 pickle starts with
+        save_file({"unet.x.lora_A.weight": torch.ones(1, 1)}, str(path), metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] == 0x280:
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    tensors, metadata = read_safetensors(path)
+    assert list(tensors) == ["unet.x.lora_A.weight"] and len(metadata["pad"]) == pad
