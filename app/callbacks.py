@@ -22,8 +22,9 @@ from typing import Callable, Iterator
 import torch
 from matplotlib.figure import Figure
 
-from flatlora_diffusion.inference import apply_loras, generate, generate_base_and_lora, load_base
+from flatlora_diffusion.inference import apply_loras, generate, load_base, lora_disabled
 
+from .deadline import GenerationClock
 from .runs import AppError, LoraSource, discover_sources, list_samples, lookup, read_config, read_metadata, read_metrics
 
 Progress = Callable[..., None]  # progress(fraction, desc=...), as gr.Progress is called
@@ -50,6 +51,7 @@ class Studio:
         self._pipe = None
         # One generation at a time: adapter switching changes the shared pipeline's state.
         self._lock = threading.RLock()
+        self.clock = GenerationClock()  # cancels a generation that runs far past a base one's time
 
     def sources(self) -> dict[str, LoraSource]:
         """The selectable runs and files, found afresh (runs may finish while the app is open)."""
@@ -137,12 +139,15 @@ def generate_images(studio: Studio, run: str, prompt: str, seed, lora_scale: flo
         if other is not None:  # load it first, so a bad file fails before any image is drawn
             apply_loras(pipe, [(other.file, scale)])
         progress(0 / total, desc=f"base and LoRA {source.label}")
-        base, lora = generate_base_and_lora(pipe, [(source.file, scale)], prompt, seed, **settings.as_kwargs())
+        apply_loras(pipe, [(source.file, scale)])
+        with lora_disabled(pipe), studio.clock.measuring(settings):  # the base time sets the LoRA's limit
+            base = generate(pipe, prompt, seed, **settings.as_kwargs(), time_limit_s=studio.clock.limit_s(settings))
+        lora = generate(pipe, prompt, seed, **settings.as_kwargs(), time_limit_s=studio.clock.limit_s(settings))
         third = None
         if other is not None:
             progress(2 / total, desc=f"LoRA {other.label}")
             apply_loras(pipe, [(other.file, scale)])
-            third = generate(pipe, prompt, seed, **settings.as_kwargs())
+            third = generate(pipe, prompt, seed, **settings.as_kwargs(), time_limit_s=studio.clock.limit_s(settings))
     progress(1.0, desc="done")
     return base, lora, third
 
@@ -169,7 +174,8 @@ def scale_sweep(studio: Studio, run: str, prompt: str, seed, scales_text: str, s
         for i, scale in enumerate(scales):
             progress(i / len(scales), desc=f"scale {scale:g}")
             apply_loras(pipe, [(source.file, scale)])
-            images.append((generate(pipe, prompt, seed, **settings.as_kwargs()), f"scale {scale:g}"))
+            image = generate(pipe, prompt, seed, **settings.as_kwargs(), time_limit_s=studio.clock.limit_s(settings))
+            images.append((image, f"scale {scale:g}"))
     progress(1.0, desc="done")
     return images
 
@@ -211,6 +217,7 @@ def metrics_figure(rows: list[dict]) -> Figure | None:
         return None
     figure = Figure(figsize=(9, 3.2), layout="constrained")  # no pyplot: thread-safe, no GUI backend
     loss_axes, sigma_axes = figure.subplots(1, 2)
+    rows = [r for r in rows if not r.get("skipped")]  # a skipped step's loss is NaN (it changed nothing)
     steps = [r["step"] for r in rows if "loss" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
     loss_axes.plot(steps, losses, alpha=0.35, label="loss")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,7 +32,7 @@ from .lora.load import load_lora_into_pipeline
 from .lora.lora_set import LoraFileError
 
 __all__ = ["load_base", "apply_loras", "active_loras", "generate", "generate_base_and_lora",
-           "lora_disabled", "read_lora_metadata", "adapter_name_for"]
+           "lora_disabled", "read_lora_metadata", "adapter_name_for", "GenerationTimeout"]
 
 
 def load_base(model: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
@@ -135,16 +136,40 @@ def _restore_layer_states(model, states) -> None:
         param.requires_grad_(requires_grad)
 
 
+class GenerationTimeout(ValueError):
+    """A generation ran far past its expected time and was cancelled (a user-facing message)."""
+
+
+class _Deadline:
+    """callback_on_step_end that interrupts the pipeline once `limit_s` seconds have passed."""
+
+    def __init__(self, limit_s: float):
+        self.limit_s, self.started, self.expired = limit_s, time.monotonic(), False
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if time.monotonic() - self.started > self.limit_s:
+            self.expired = True
+            pipe._interrupt = True  # diffusers' own cancel flag: the remaining steps are skipped
+        return callback_kwargs
+
+
 @torch.no_grad()
 def generate(pipe, prompt: str, seed: int, negative_prompt: str | None = None, steps: int = 30,
-             guidance: float = 5.0, width: int = 1024, height: int = 1024):
+             guidance: float = 5.0, width: int = 1024, height: int = 1024, time_limit_s: float | None = None):
     """One image (PIL) from `prompt`; the same seed and settings give the same image.
 
     The initial noise comes from a CPU generator, so a seed means the same noise on any device.
+    With `time_limit_s`, a generation still running after that long is cancelled between two
+    denoising steps and raises GenerationTimeout.
     """
     generator = torch.Generator("cpu").manual_seed(int(seed))
+    deadline = _Deadline(time_limit_s) if time_limit_s is not None else None
     result = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                  guidance_scale=guidance, width=width, height=height, generator=generator)
+                  guidance_scale=guidance, width=width, height=height, generator=generator,
+                  callback_on_step_end=deadline)
+    if deadline is not None and deadline.expired:
+        raise GenerationTimeout(f"generation cancelled after {time.monotonic() - deadline.started:.0f} s, far past "
+                                f"its expected time (limit {deadline.limit_s:.0f} s); the app is free again")
     return result.images[0]
 
 

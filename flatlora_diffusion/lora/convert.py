@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flatlora_diffusion.atomic import OutputError
 from flatlora_diffusion.sdxl.published_configs import BaseModelError, meta_sdxl_models
 
 from .formats import load_lora_set, read_lora_metadata, to_diffusers, to_kohya, write_safetensors
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = convert_lora_file(args.source, args.target, args.to, args.base)
-    except (LoraFileError, LoraNameError, BaseModelError) as error:
+    except (LoraFileError, LoraNameError, BaseModelError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

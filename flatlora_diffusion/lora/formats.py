@@ -44,10 +44,26 @@ _KOHYA_KEY = re.compile(r"(lora_unet_|lora_te1_|lora_te2_)(\w+?)\.(lora_down\.we
 _ROLE = {"lora_A.weight": "down", "lora.down.weight": "down", "lora_linear_layer.down.weight": "down",
          "lora_down.weight": "down", "lora_B.weight": "up", "lora.up.weight": "up",
          "lora_linear_layer.up.weight": "up", "lora_up.weight": "up", "alpha": "alpha"}
+LYCORIS_MARKERS = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "glora_": "GLoRA"}
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default, what diffusers uses when metadata lacks lora_alpha
 
 
 # ---------------------------------------------------------------- files
+
+# a pickle (protocol 2-5), a torch.save zip; only looked for once safetensors has refused the file,
+# since a valid header length may start with the same bytes
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def _unreadable(path: Path, error: Exception) -> LoraFileError:
+    """The error for a file safetensors cannot read; a renamed pickle is named as such (never unpickled)."""
+    with path.open("rb") as f:
+        start = f.read(4)
+    if start.startswith(PICKLE_MAGIC):
+        return LoraFileError(f"{path}: this is a pickle (a .ckpt/.pt/.bin file renamed?), not safetensors; "
+                             "pickles can run code and are never loaded")
+    return LoraFileError(f"{path}: not a readable safetensors file ({error})")
+
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a .safetensors file; a missing or malformed file raises LoraFileError."""
@@ -58,7 +74,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from None
+        raise _unreadable(path, error) from None
 
 
 def read_lora_metadata(path: str | Path) -> dict[str, str]:
@@ -70,7 +86,7 @@ def read_lora_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from None
+        raise _unreadable(path, error) from None
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -87,6 +103,9 @@ def detect_format(keys) -> str:
         raise LoraFileError("the file holds no tensors")
     if any(k.startswith("lora_te_") for k in keys):
         raise LoraFileError("this is an SD 1.x/2.x LoRA (lora_te_ keys), not an SDXL LoRA")
+    for marker, kind in LYCORIS_MARKERS.items():
+        if any(f".{marker}" in k for k in keys):
+            raise LoraFileError(f"this is a LyCORIS {kind} file ({marker}* keys); only plain LoRA is supported")
     kinds = {"kohya" if k.startswith(tuple(KOHYA_PREFIXES.values())) else
              "diffusers" if k.split(".", 1)[0] in COMPONENTS else None for k in keys}
     if kinds == {"kohya"} or kinds == {"diffusers"}:
@@ -116,6 +135,7 @@ def load_lora_set(path: str | Path, models: dict[str, torch.nn.Module]) -> tuple
         if not lora_set.modules:
             raise LoraFileError("the file holds no LoRA modules")
         resolve_modules(lora_set, models)
+        lora_set.check_finite("the file is refused")
     except (LoraFileError, LoraNameError) as error:
         raise LoraFileError(f"{path}: {error}") from None
     return lora_set, kind

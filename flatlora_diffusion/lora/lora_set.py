@@ -83,6 +83,20 @@ class LoraSet:
         alpha = collections.Counter(m.alpha for m in loras).most_common(1)[0][0]
         return rank, alpha
 
+    def first_nonfinite(self) -> str | None:
+        """'<component> <module>' of the first module whose down, up or alpha holds NaN/inf, else None."""
+        for component, name, module in self.items():
+            if not (torch.isfinite(module.down).all() and torch.isfinite(module.up).all()
+                    and torch.isfinite(torch.tensor(module.alpha))):
+                return f"{component} {name}"
+        return None
+
+    def check_finite(self, consequence: str) -> None:
+        """Refuse NaN/inf weights: applied to a model they turn every image into NaN."""
+        bad = self.first_nonfinite()
+        if bad is not None:
+            raise LoraFileError(f"non-finite (NaN/inf) LoRA weights, first in {bad}; {consequence}")
+
     def to(self, dtype: torch.dtype) -> "LoraSet":
         """A copy with contiguous CPU tensors of `dtype` (alpha stays a Python float)."""
         return LoraSet({c: {n: ModuleLora(m.down.detach().to("cpu", dtype).contiguous(),

@@ -55,6 +55,8 @@ def save_lora_files(output_dir: str | Path, unet, text_encoder=None, text_encode
         raise LoraFileError(f"no LoRA adapter {adapter_name!r} found in the given models")
     _check_options(lora_set, lora)
     lora_set = lora_set.to(dtype)
+    # checked after the cast (fp16 can overflow) and before either file is written: good files stay good
+    lora_set.check_finite(f"the LoRA files in {output_dir} were not written")
     file_metadata = {**standard_metadata(lora_set), **_stringify(metadata or {})}
     tensors, diffusers_metadata = to_diffusers(lora_set)
     output_dir = Path(output_dir)

@@ -37,6 +37,15 @@ class SDXLParts:
         return [self.tokenizer, self.tokenizer_2]
 
 
+def shareable_model_name(name_or_path: str) -> str:
+    """What a LoRA file or model card may say about its base: the hub id, or a local folder's name.
+
+    Never a local path: it would travel inside every shared file and tells nothing to anyone else.
+    """
+    local = Path(name_or_path).expanduser()
+    return local.resolve().name if local.exists() else name_or_path
+
+
 def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 

@@ -5,19 +5,27 @@ from __future__ import annotations
 import os
 import sys
 
+from flatlora_diffusion.atomic import UNWRITABLE
 from flatlora_diffusion.errors import UserError
 
 
 def run_training(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from flatlora_diffusion.lora.lora_set import LoraFileError
+
     from .config import parse_config
     from .loop import Interrupted, train
 
     try:
         config = parse_config(argv)
         output_dir = train(config)
-    except UserError as err:
+    except (UserError, LoraFileError) as err:  # LoraFileError: e.g. NaN weights refused at export
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output written outside atomic.py (e.g. a tracker's log) on a full disk
+        if err.errno not in UNWRITABLE:
+            raise
+        print(f"error: cannot write {err.filename or 'an output'}: {err.strerror}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         print(f"{stop}; continue with --resume_from_checkpoint latest", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from flatlora_diffusion.errors import UserError
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -83,6 +86,7 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    max_nonfinite_steps: int = _f(10, "stop after this many consecutive steps skipped for a NaN/inf loss or gradient")
     optimizer: str = _f("adamw", "optimizer (prodigy needs the prodigyopt package; use --learning_rate 1.0)",
                         choices=("adamw", "prodigy"))
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (CUDA only)")
@@ -114,9 +118,10 @@ class TrainConfig:
         self._check_combinations()
 
     def _check_ranges(self):
+        self._check_numbers()
         positive = ("repeats", "num_class_images", "sample_batch_size", "resolution", "rank", "train_batch_size",
                     "num_train_epochs", "gradient_accumulation_steps", "num_validation_images",
-                    "validation_inference_steps", "checkpointing_steps")
+                    "validation_inference_steps", "checkpointing_steps", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -140,6 +145,20 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+
+    def _check_numbers(self):
+        """Values the maths cannot hold: NaN/inf, beyond float32 (LoRA and optimizer state), seeds numpy refuses."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name} must be a finite number, got {value}")
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                raise UserError(f"--{f.name} {value:g} is beyond float32, the training dtype (max {FLOAT32_MAX:.4g})")
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                raise UserError(f"--{f.name} {value} does not fit a 64-bit integer")
+        for name in ("seed", "flat_seed"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_SEED:
+                raise UserError(f"--{name} must be between 0 and {MAX_SEED}, got {getattr(self, name)}")
 
     def _check_combinations(self):
         self._check_dataset_flags()

@@ -33,7 +33,7 @@ from flatlora_diffusion.lora.attach import (
 )
 from flatlora_diffusion.sdxl.conditioning import PromptEmbeds
 from flatlora_diffusion.sdxl.default_model import ensure_default_model
-from flatlora_diffusion.sdxl.models import SDXLParts, freeze_precision, load_sdxl
+from flatlora_diffusion.sdxl.models import SDXLParts, freeze_precision, load_sdxl, shareable_model_name
 from flatlora_diffusion.sdxl.sampling import pipeline_from_parts, sample_images
 
 from .checkpoint import load_checkpoint, load_checkpoint_tensors, resolve_checkpoint, save_checkpoint
@@ -43,6 +43,7 @@ from .ema import Ema
 from .losses import per_sample_losses
 from .metrics import MetricsLog
 from .multiprocess import all_rng_states, any_rank, check_launch, dump_rank_state
+from .nonfinite import NonfiniteGuard, update_if_finite
 from .optimizers import build_optimizer
 from .perturbation import NoPerturbation, make_perturbation
 from .preflight import preflight
@@ -77,6 +78,7 @@ class Run:
     start_step: int = 0
     ema: Ema | None = None
     validation: ValidationLoss | None = None  # --validation_loss_every, main process only
+    guard: NonfiniteGuard | None = None  # skipped non-finite steps (set in setup)
     started_at: float = field(default_factory=time.time)  # Unix time, for ss_training_started_at
 
     @property
@@ -168,6 +170,7 @@ def setup(config: TrainConfig) -> Run:
     if config.ema_decay is not None:
         run.ema = Ema(unwrapped(run), decay=config.ema_decay)
     run.validation = build_validation_loss(config, parts, unwrapped(run), accelerator)
+    run.guard = NonfiniteGuard(config.max_nonfinite_steps)
     maybe_resume(run)
     return run
 
@@ -175,7 +178,7 @@ def setup(config: TrainConfig) -> Run:
 def maybe_resume(run: Run) -> None:
     if run.config.resume_from_checkpoint is None:
         return
-    folder = resolve_checkpoint(run.output_dir, run.config.resume_from_checkpoint)
+    folder = resolve_checkpoint(run.output_dir, run.config.resume_from_checkpoint, warn=run.accelerator.print)
     state = load_checkpoint(folder, unwrapped(run), run.optimizer, run.lr_scheduler,
                             rank=run.accelerator.process_index)
     saved_by = state.get("num_processes", 1)
@@ -184,6 +187,7 @@ def maybe_resume(run: Run) -> None:
                               f"{run.accelerator.num_processes}: training continues, but not exactly as it would have")
     if run.ema is not None:
         run.ema.load_state_dict(load_checkpoint_tensors(folder, "ema"))
+    run.guard.load_state_dict(state.get("nonfinite", {}))
     run.start_step = state["step"]
     run.started_at = state.get("started_at", run.started_at)  # the run's start, not this session's
     if run.start_step > run.total_steps:
@@ -234,8 +238,11 @@ def compute_loss(run: Run, batch: Batch, embeds: PromptEmbeds, n_instance: int,
     return loss
 
 
-def optimizer_step(run: Run, step: int) -> torch.Tensor:
-    """All micro-batches of one optimizer step under one Flat-LoRA noise draw, then the update."""
+def optimizer_step(run: Run, step: int) -> tuple[torch.Tensor, bool]:
+    """All micro-batches of one optimizer step under one Flat-LoRA noise draw, then the update.
+
+    Returns (loss, applied): a NaN/inf loss or gradient skips the update (training/nonfinite.py).
+    """
     cfg, acc = run.config, run.accelerator
     total = torch.zeros((), device=acc.device)
     with run.flat.perturb(step):
@@ -246,15 +253,7 @@ def optimizer_step(run: Run, step: int) -> torch.Tensor:
                 loss = compute_loss(run, batch, embeds, n_instance, generator) / cfg.gradient_accumulation_steps
                 acc.backward(loss)
             total += loss.detach()  # no .item() here: it would wait for the GPU every micro-batch
-    if cfg.max_grad_norm > 0:
-        # the optimizer's own list: walking every module's parameters cost ~4 ms a step (profiled)
-        acc.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]], cfg.max_grad_norm)
-    run.optimizer.step()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update()
-    return total
+    return total, update_if_finite(acc, run.optimizer, run.lr_scheduler, run.ema, total, cfg.max_grad_norm)
 
 
 def no_sync(run: Run) -> contextlib.ExitStack:
@@ -281,9 +280,11 @@ def train(config: TrainConfig) -> Path:
     with stop_on_signals() as stop:
         for step in bar:
             started = time.perf_counter()
-            loss = acc.reduce(optimizer_step(run, step), "mean").item()
+            total, applied = optimizer_step(run, step)
+            loss = acc.reduce(total, "mean").item()
+            run.guard.observe(step + 1, applied)
             sigma_t = run.flat.sigma_at(step)
-            bar.set_postfix(loss=f"{loss:.4f}", sigma_t=f"{sigma_t:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", sigma_t=f"{sigma_t:.4f}", **run.guard.postfix())
             record(run, log, step + 1, loss, sigma_t, time.perf_counter() - started)
             after_step(run, step + 1, stop)
     dump_rank_state(unwrapped(run), run.flat, run.total_steps - 1, acc.process_index)  # tests only, off by default
@@ -293,7 +294,8 @@ def train(config: TrainConfig) -> Path:
 
 
 def record(run: Run, log: MetricsLog | None, step: int, loss: float, sigma_t: float, seconds: float) -> None:
-    values = dict(step=step, loss=loss, lr=run.lr_scheduler.get_last_lr()[0], sigma_t=sigma_t, seconds=seconds)
+    values = dict(step=step, loss=loss, lr=run.lr_scheduler.get_last_lr()[0], sigma_t=sigma_t, seconds=seconds,
+                  **run.guard.metrics())
     values.update(run.validation.metrics_at(step, run.total_steps) if run.validation else {})
     if log is not None:
         log.write(**values)
@@ -304,6 +306,7 @@ def record(run: Run, log: MetricsLog | None, step: int, loss: float, sigma_t: fl
 def after_step(run: Run, step: int, stop: dict) -> None:
     """Checkpoints, samples and a clean stop on Ctrl-C/SIGTERM, between optimizer steps."""
     cfg = run.config
+    run.guard.stop_if_stuck(step, run.output_dir)
     stopping = any_rank(run.accelerator, stop["signal"] is not None)  # every rank checkpoints and stops together
     if step % cfg.checkpointing_steps == 0 or stopping:
         folder = checkpoint(run, step)
@@ -319,7 +322,8 @@ def checkpoint(run: Run, step: int) -> Path:
     if run.accelerator.is_main_process:
         save_checkpoint(run.output_dir, step, unwrapped(run), run.optimizer, run.lr_scheduler,
                         total_limit=run.config.checkpoints_total_limit, rng_states=rng_states,
-                        extra={"num_processes": run.accelerator.num_processes, "started_at": run.started_at},
+                        extra={"num_processes": run.accelerator.num_processes, "started_at": run.started_at,
+                               "nonfinite": run.guard.state_dict()},
                         tensors={"ema": run.ema.state_dict()} if run.ema is not None else None)
     run.accelerator.wait_for_everyone()
     return folder
@@ -355,7 +359,8 @@ def finish(run: Run) -> None:
         run.ema.copy_to_modules()
     samples = validate(run, "final")
     save_lora_files(run.output_dir, *trained, lora=options, metadata=training_metadata(run))
-    write_model_card(run.output_dir, run.config, resolve_model_path(run.config), samples, trigger_prompt(run))
+    write_model_card(run.output_dir, run.config, shareable_model_name(resolve_model_path(run.config)), samples,
+                     trigger_prompt(run))
 
 
 def training_metadata(run: Run) -> dict[str, str]:
@@ -366,7 +371,7 @@ def training_metadata(run: Run) -> dict[str, str]:
     meta = standard_run_metadata(
         steps=run.total_steps, learning_rate=cfg.learning_rate, resolution=cfg.resolution, seed=cfg.seed,
         sigma=cfg.flat_sigma, schedule=cfg.flat_schedule, flat_seed=cfg.noise_seed, started_at=run.started_at,
-        title=Path(cfg.output_dir).name, base_model=resolve_model_path(cfg))
+        title=Path(cfg.output_dir).name, base_model=shareable_model_name(resolve_model_path(cfg)))
     return {**meta, "ss_text_encoder_lr": str(cfg.text_encoder_lr or ""),
             "ss_min_snr_gamma": str(cfg.snr_gamma or ""), "ss_noise_offset": str(cfg.noise_offset),
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else cfg.optimizer,

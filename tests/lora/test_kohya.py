@@ -183,7 +183,7 @@ def test_imports_kohya_file_without_alpha_as_alpha_equal_rank(trained, default_m
 @pytest.mark.parametrize("key, message", [
     ("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "SD 1.x/2.x"),
     ("lora_unet_input_blocks_99_1_transformer_blocks_0_attn1_to_q.lora_down.weight", "names no module"),
-    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.hada_w1_a", "unsupported key"),
+    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.hada_w1_a", "LyCORIS LoHa"),
     ("model.diffusion_model.input_blocks.0.0.weight", "not an SDXL LoRA"),
 ])
 def test_foreign_or_unsupported_files_raise_a_clear_error(default_model_dir, tmp_path, key, message):
