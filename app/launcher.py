@@ -19,8 +19,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -99,8 +99,8 @@ def command_line_trainers() -> dict[Path, int]:
 class Launcher:
     """The training processes of one runs root."""
 
-    def __init__(self, runs_root: Path):
-        self.root = Path(runs_root)
+    def __init__(self, runs_root: Path | None):
+        self.root = Path(runs_root) if runs_root is not None else None
         self._children: dict[Path, subprocess.Popen] = {}  # started by this app: reaped, exit codes known
         self._starting = threading.Lock()  # two Start clicks at once must not both pass the busy check
 
@@ -155,9 +155,10 @@ class Launcher:
 
     def active(self) -> Path | None:
         """The run folder being trained under the runs root, if any."""
-        root = self.root.resolve()
+        if self.root is None or not self.root.is_dir():
+            return None
         elsewhere = command_line_trainers()
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for folder in sorted(p for p in self.root.resolve().iterdir() if p.is_dir()):
             if self.running_pid(folder, elsewhere) is not None:
                 return folder
         return None
@@ -188,6 +189,12 @@ def read_pid_file(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+
+
+def log_lines(text: str) -> list[str]:
+    """Non-empty lines as a terminal shows them: of a progress bar's \r-updates only the last."""
+    lines = (line.rsplit("\r", 1)[-1].strip() for line in text.split("\n"))
+    return [line for line in lines if line]
 
 
 def latest_log(folder: Path, max_chars: int = 200_000) -> str:

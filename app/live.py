@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flatlora_diffusion.lora.formats import DIFFUSERS_FILE
 
-from .launcher import RUN_TOML, TRAIN_LOG, TRAIN_PID, Launcher, latest_log
+from .launcher import RUN_TOML, TRAIN_LOG, TRAIN_PID, Launcher, latest_log, log_lines
 from .runs import list_samples, read_config, read_metrics
 
 RUN_MARKERS = (RUN_TOML, "config.json", TRAIN_LOG, "metrics.jsonl")  # what makes a folder a training run
@@ -108,11 +108,11 @@ def read_progress(folder: Path, launcher: Launcher) -> Progress:
         progress.seconds_per_step = statistics.median(r["seconds"] for r in rows[-RECENT_STEPS:])
         if progress.total is not None:
             progress.seconds_left = max(progress.total - progress.step, 0) * progress.seconds_per_step
-    log = latest_log(folder)
-    lines = [line.strip() for line in log.replace("\r", "\n").splitlines() if line.strip()]
+    lines = log_lines(latest_log(folder))
     progress.last_log_line = lines[-1][:300] if lines else ""
-    progress.resumable = any(folder.glob("checkpoint-*")) and (folder / RUN_TOML).is_file()
     progress.state = _state(folder, progress, lines)
+    progress.resumable = progress.state in ("stopped", "failed") and any(folder.glob("checkpoint-*")) \
+        and (folder / RUN_TOML).is_file()
     if progress.state == "refused":
         progress.error = next(line for line in reversed(lines) if _ERROR_LINE.match(line))
     return progress

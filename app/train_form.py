@@ -42,14 +42,14 @@ class TrainForm:
     lora_alpha: float = 8
     learning_rate: float = 1e-4
     train_text_encoder: bool = False
-    text_encoder_lr: float | None = None
+    text_encoder_lr: float | None = 0  # 0 or empty: the UNet's learning rate
     flat_sigma: float = 0.1
     flat_schedule: str = "cosine"
     resolution: float = 1024
     aspect_buckets: bool = False
     seed: float = 0
     validation_prompt: str = ""  # one per line; empty: the instance prompt
-    validation_steps: float | None = None
+    validation_steps: float | None = 0  # 0 or empty: samples at the end only
     checkpointing_steps: float = 100
     num_validation_images: float = 2
     validation_inference_steps: float = 25
@@ -62,6 +62,9 @@ PASSED_THROUGH = ("max_train_steps", "rank", "lora_alpha", "learning_rate", "tra
                   "text_encoder_lr", "flat_sigma", "flat_schedule", "resolution", "aspect_buckets", "seed",
                   "validation_steps", "checkpointing_steps", "num_validation_images",
                   "validation_inference_steps", "mixed_precision")
+
+
+UNSET_WHEN_ZERO = ("text_encoder_lr", "validation_steps")  # optional flags: 0 in the form means "not given"
 
 
 def _whole(value):
@@ -77,7 +80,8 @@ def config_values(form: TrainForm, base: str, folder: Path, instance_dir: Path) 
               "instance_prompt": form.instance_prompt.strip(), "output_dir": str(folder)}
     for name in PASSED_THROUGH:
         value = getattr(form, name)
-        if value is not None and value != "":  # empty: the trainer's default
+        unset = value is None or value == "" or (name in UNSET_WHEN_ZERO and value == 0)
+        if not unset:  # unset: the trainer's default
             values[name] = _whole(value)
     prompts = [p.strip() for p in form.validation_prompt.splitlines() if p.strip()]
     values["validation_prompt"] = prompts or [values["instance_prompt"]]
