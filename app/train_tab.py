@@ -54,7 +54,9 @@ class TrainHandlers:
             pid = self.launcher.start(folder)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        return f"started **{folder.name}** (pid {pid}); its log is {folder.name}/train.log", folder.name
+        names = [p.name for p in live.run_folders(self.studio.runs_dir)]
+        return (f"started **{folder.name}** (pid {pid}); its log is {folder.name}/train.log",
+                gr.Dropdown(choices=names, value=folder.name))
 
     def stop_training(self, run: str | None) -> str:
         """SIGTERM to the run's trainer: it saves a checkpoint after the current step and exits."""

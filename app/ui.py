@@ -106,7 +106,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
         gr.Markdown(f"## Flat-LoRA preview\nBase model `{studio.base}` on {studio.device}. "
                     "Pick a training run (or a LoRA file); base and LoRA use the same seed.")
         with gr.Row():
-            run = gr.Dropdown(labels, value=labels[0] if labels else None, label="Run or LoRA file", scale=6)
+            run = gr.Dropdown(labels, value=labels[0] if labels else None, label="Run or LoRA file", scale=6,
+                              elem_id="run-picker")
             refresh = gr.Button("Refresh runs", scale=1, size="sm")
         with gr.Tab("Generate"):
             first_prompt = handlers.default_prompt(labels[0] if labels else None, DEFAULT_PROMPT)

@@ -51,13 +51,13 @@ def root(tmp_path):
     return root
 
 
-def wait_for(condition, timeout: float = WAIT, what: str = "condition"):
+def wait_for(condition, timeout: float = WAIT, what: str = "condition", every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -293,3 +293,40 @@ def test_a_refused_config_shows_the_trainers_error_line(root, default_model_dir)
     assert progress.state == "refused" and not progress.resumable
     assert progress.error == "error: --resolution must be a multiple of 8 (the VAE downsamples by 8), got 100"
     assert progress.error in progress.summary()
+
+
+# ---------------------------------------------------------------- through the API
+
+
+def test_gradio_client_starts_a_run_and_reads_its_progress(default_model_dir, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError as ClientError
+
+    from app.callbacks import Studio
+    from tests.app.test_app import launched
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    settings = dict(instance_prompt=PROMPT, max_train_steps=8, resolution=64, rank=4, lora_alpha=6,
+                    learning_rate=1e-3, num_validation_images=1, validation_inference_steps=2)
+    with launched(Studio(default_model_dir, root, device="cpu")) as url:
+        client = Client(url, verbose=False)
+        message, run = client.predict(images=[handle_file(png(tmp_path / "up" / "cat.png"))],
+                                      run_name="../../from client", api_name="/start_training", **settings)
+        assert run == "from_client" and "started" in message
+        with pytest.raises(ClientError, match="one run at a time"):
+            client.predict(images=[handle_file(png(tmp_path / "up" / "dog.png"))], run_name="second",
+                           api_name="/start_training", **settings)
+        seen = []
+
+        def finished():
+            seen.append(client.predict(run=run, api_name="/training_progress"))
+            return seen[-1]["state"] == "finished"
+
+        wait_for(finished, what="the run to finish", every=0.5)
+    assert {"starting", "training"} & {p["state"] for p in seen}
+    assert [p["step"] for p in seen] == sorted(p["step"] for p in seen)  # progress only moves forward
+    last = seen[-1]
+    assert (last["step"], last["total"], last["error"]) == (8, 8, None) and last["seconds_per_step"] > 0
+    assert [p.name for p in (root / run / "instance_images").iterdir()] == ["cat.png"]
+    assert sorted(p.name for p in root.iterdir()) == ["from_client"]  # the refused second run wrote nothing
