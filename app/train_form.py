@@ -114,15 +114,15 @@ def create_run(root: Path, form: TrainForm, uploads: list[str | Path] | None, ba
     Nothing is left behind when a check fails.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise AppError(f"runs folder {root} does not exist")
+    if root.exists() and not root.is_dir():
+        raise AppError(f"runs folder {root} is not a folder")
     if not form.instance_prompt.strip():
         raise AppError("type an instance prompt (with the trigger word, e.g. 'a photo of sks dog')")
     folder = new_run_folder(root, form.run_name)
     # Every check before anything is written: the images' source, then the TOML text.
     instance_dir = folder / UPLOAD_FOLDER if uploads else chosen_folder(form.image_folder, root)
     text = toml_writer.dumps(config_values(form, resolved_base(base), folder, instance_dir))
-    folder.mkdir()
+    folder.mkdir(parents=True)  # the runs folder too, on a fresh checkout (outputs/)
     try:
         if uploads:
             store_uploads(uploads, instance_dir, root)

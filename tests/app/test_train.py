@@ -176,9 +176,9 @@ def test_uploads_go_into_the_run_folder(root, tmp_path):
 
 
 def test_the_suggested_prompt_is_the_validation_then_the_instance_prompt(tmp_path):
-    from flatlora_diffusion.lora.formats import write_safetensors
-
     import torch
+
+    from flatlora_diffusion.lora.formats import write_safetensors
 
     run = tmp_path / "run"
     run.mkdir()
@@ -193,6 +193,35 @@ def test_the_suggested_prompt_is_the_validation_then_the_instance_prompt(tmp_pat
     assert suggested_prompt(LoraSource("file: x", lora)) == "meta prompt"
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     assert suggested_prompt(LoraSource("file: junk", tmp_path / "junk.safetensors")) is None
+
+
+def test_generate_prompt_defaults_to_the_selected_runs_prompt(tmp_path):
+    import torch
+
+    from app.callbacks import Studio
+    from app.ui import Handlers
+    from flatlora_diffusion.lora.formats import write_safetensors
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_safetensors(run / DIFFUSERS_FILE, {"x": torch.zeros(1)}, {})
+    (run / "config.json").write_text(json.dumps({"validation_prompt": ["a sks shape on a blue background"]}))
+    handlers = Handlers(Studio("unused-base", tmp_path, device="cpu"))  # the base is never loaded here
+    assert handlers.default_prompt("run", "a photo of sks cat") == "a sks shape on a blue background"
+    assert handlers.default_prompt("gone", "typed") == "typed" and handlers.default_prompt(None, "typed") == "typed"
+
+
+def test_the_trainer_accepts_a_folder_holding_only_the_apps_launch_files(root, default_model_dir):
+    from flatlora_diffusion.errors import UserError
+    from flatlora_diffusion.training.preflight import check_output_dir
+
+    folder = create_run(root, quick_form(run_name="r", image_folder=""), [png(root / "up.png")], "base")
+    (folder / TRAIN_LOG).write_text("")
+    (folder / TRAIN_PID).write_text("{}")
+    check_output_dir(parse_config(["--config", str(folder / RUN_TOML)]))  # no error: a new run
+    (folder / "notes.txt").write_text("another run's file")
+    with pytest.raises(UserError, match="another run"):
+        check_output_dir(parse_config(["--config", str(folder / RUN_TOML)]))
 
 
 def test_progress_is_read_from_the_run_files(tmp_path):
@@ -261,6 +290,7 @@ def test_start_stop_resume_finish(root, default_model_dir):
     app = Launcher(root)
     pid = app.start(folder)
     wait_for(lambda: live.read_progress(folder, app).step >= 1, what="the first step")
+    assert os.getsid(pid) == pid  # its own session: closing the app (or Ctrl-C in its terminal) leaves it alone
     restarted = Launcher(root)  # a new app process: finds the run from train.pid
     assert restarted.running_pid(folder) == pid and restarted.active() == folder
     assert live.read_progress(folder, restarted).state == "training"
