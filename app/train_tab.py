@@ -20,6 +20,8 @@ from .uploads import image_folders
 
 TICK_SECONDS = 2.0
 LOG_LINES = 15
+LIVE_OUTPUTS = 7  # what live_view returns
+TEXT_FIELDS = ("run_name", "image_folder", "instance_prompt", "class_prompt", "validation_prompt")
 
 
 class TrainHandlers:
@@ -48,8 +50,8 @@ class TrainHandlers:
             busy = self.launcher.active()  # before writing anything: one run at a time
             if busy is not None:
                 raise AppError(f"run {busy.name} is training; stop it or wait for it to finish (one run at a time)")
-            form = TrainForm(**{**values, "image_folder": image_folder or "",
-                                "validation_prompt": validation_prompt or ""})
+            texts = {name: values[name] or "" for name in TEXT_FIELDS}  # an API client may send None
+            form = TrainForm(**{**values, **texts})
             folder = create_run(Path(self.studio.runs_dir), form, list(images or []), self.studio.base)
             pid = self.launcher.start(folder)
         except ValueError as error:
@@ -81,25 +83,31 @@ class TrainHandlers:
         except AppError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    def live_view(self, run: str | None):
-        """(summary, curves, newest samples, log tail, Stop, Resume, signature) of `run`."""
+    def live_view(self, run: str | None, shown: tuple | None = None):
+        """(summary, curves, newest samples, log tail, Stop, Resume, signature) of `run`.
+
+        None when the run's signature equals `shown` (nothing to redraw; the timer passes `shown`).
+        """
         try:
             folder = self._folder(run)
         except AppError as error:
             return (str(error), None, [], "", gr.Button(interactive=False), gr.Button(interactive=False), None)
         progress = live.read_progress(folder, self.launcher)
+        signature = _signature(progress, folder)
+        if signature == shown:
+            return None
         samples = [(str(path), caption) for path, caption in live.newest_samples(folder)]
         tail = "\n".join(log_lines(latest_log(folder))[-LOG_LINES:])
         training = progress.pid is not None
         return (progress.summary(), metrics_figure(read_metrics(folder)[0]), samples, tail,
                 gr.Button(interactive=training), gr.Button(interactive=progress.resumable and not training),
-                _signature(progress, folder))
+                signature)
 
     def tick(self, run: str | None, shown, picked: str | None):
         """The timer: redraw only when the run changed; offer a run that just finished for Generate."""
-        view = self.live_view(run)
-        if view[-1] == shown:  # unchanged (or still no run to show)
-            return (gr.skip(),) * (len(view) + 1)
+        view = None if run is None and shown is None else self.live_view(run, shown)
+        if view is None or (view[-1] is None and shown is None):  # nothing (new) to show
+            return (gr.skip(),) * (LIVE_OUTPUTS + 1)
         finished = view[-1] is not None and view[-1][0] == "finished" and (shown is None or shown[0] != "finished")
         return (*view, self.refreshed_picker(picked) if finished else gr.skip())
 

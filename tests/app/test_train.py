@@ -247,6 +247,28 @@ def test_progress_is_read_from_the_run_files(tmp_path):
     assert live.read_progress(run, launcher).state == "finished" and not live.read_progress(run, launcher).resumable
 
 
+def test_the_timer_redraws_only_when_the_run_changed(tmp_path):
+    import gradio as gr
+
+    from app.callbacks import Studio
+    from app.train_tab import TrainHandlers
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "sigma_t": 0.0, "seconds": 1.0}) + "\n")
+    handlers = TrainHandlers(Studio("unused-base", tmp_path, device="cpu"), Launcher(tmp_path))
+    first = handlers.tick("run", None, None)
+    assert "step 1 / ?" in first[0] and first[-1] == gr.skip()  # drawn; the run picker left alone
+    assert all(update == gr.skip() for update in handlers.tick("run", first[-2], None))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "loss": 0.4, "sigma_t": 0.0, "seconds": 1.0}) + "\n")
+    assert "step 2 / ?" in handlers.tick("run", first[-2], None)[0]
+    assert all(update == gr.skip() for update in handlers.tick(None, None, None))
+    with pytest.raises(gr.Error, match="type an instance prompt"):
+        handlers.start_training([], "x", None, None, *[None] * 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_a_pid_file_of_a_reused_pid_or_another_program_is_not_a_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.callbacks import Studio
 from tests.app.test_app import launched
-from tests.app.test_app_browser import CHROMIUM, CHROMIUM_FLAGS, TIMEOUT_MS, _require_browser
+from tests.app.test_app_browser import _require_browser, browser_page
 from tests.app.test_train import png
 
 RUN = "browser-run"
@@ -23,34 +23,25 @@ STEPS = 80  # long enough to be stopped part-way at ~0.2 s a step
 
 
 def test_train_stop_resume_finish_and_preview_in_the_browser(default_model_dir, tmp_path):
-    sync_api = _require_browser()
+    _require_browser()
     root = tmp_path / "runs"
     root.mkdir()
     studio = Studio(default_model_dir, root, device="cpu")
-    with launched(studio) as url, sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000})
-        try:
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            page.get_by_role("tab", name="Train").click()
-            _fill_form(page, png(tmp_path / "upload" / "my cat.png"))
-            _screenshot(page, tmp_path, "app_train.png")
-            page.locator("#train-start").click()
-            summary = page.locator("#live-summary")
-            _wait_text(page, "#live-summary", rf"{RUN}: training, step [1-9]\d* / {STEPS}")
-            _screenshot(page, tmp_path, "app_live.png")
-            page.locator("#train-stop").click()
-            _wait_text(page, "#live-summary", rf"{RUN}: stopped, step \d+ / {STEPS}")
-            assert "Resume" in summary.inner_text() and any(root.joinpath(RUN).glob("checkpoint-*"))
-            page.locator("#train-resume").click()
-            _wait_text(page, "#live-summary", rf"{RUN}: finished, step {STEPS} / {STEPS}")
-            assert page.locator("#live-samples img").count() >= 1
-            _preview(page)
-        finally:
-            context.close()
+    with launched(studio) as url, browser_page(url, tmp_path / "profile", height=1000) as page:
+        page.get_by_role("tab", name="Train").click()
+        _fill_form(page, png(tmp_path / "upload" / "my cat.png"))
+        _screenshot(page, tmp_path, "app_train.png")
+        page.locator("#train-start").click()
+        _wait_text(page, "#live-summary", rf"{RUN}: training, step [1-9]\d* / {STEPS}")
+        _screenshot(page, tmp_path, "app_live.png")
+        page.locator("#train-stop").click()
+        _wait_text(page, "#live-summary", rf"{RUN}: stopped, step \d+ / {STEPS}")
+        assert "Resume" in page.locator("#live-summary").inner_text()
+        assert any(root.joinpath(RUN).glob("checkpoint-*"))
+        page.locator("#train-resume").click()
+        _wait_text(page, "#live-summary", rf"{RUN}: finished, step {STEPS} / {STEPS}")
+        assert page.locator("#live-samples img").count() >= 1
+        _preview(page)
 
 
 def _fill_form(page, image: Path) -> None:
