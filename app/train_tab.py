@@ -56,9 +56,8 @@ class TrainHandlers:
             pid = self.launcher.start(folder)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        names = [p.name for p in live.run_folders(self.studio.runs_dir)]
-        return (f"started **{folder.name}** (pid {pid}); its log is {folder.name}/train.log",
-                gr.Dropdown(choices=names, value=folder.name))
+        # plain values: the API's answer stays free of UI updates (pick_run shows the run)
+        return f"started **{folder.name}** (pid {pid}); its log is {folder.name}/train.log", folder.name
 
     def stop_training(self, run: str | None) -> str:
         """SIGTERM to the run's trainer: it saves a checkpoint after the current step and exits."""
@@ -116,6 +115,10 @@ class TrainHandlers:
         labels = list(self.studio.sources())
         return gr.Dropdown(choices=labels, value=picked if picked in labels else (labels[0] if labels else None))
 
+    def pick_run(self, run: str):
+        """The live view's run list found afresh, showing `run` (the one just started)."""
+        return gr.Dropdown(choices=[p.name for p in live.run_folders(self.studio.runs_dir)], value=run)
+
     def run_choices(self, run: str | None):
         """The live view's run list found afresh, and the image folders of the form."""
         names = [p.name for p in live.run_folders(self.studio.runs_dir)]
@@ -156,7 +159,9 @@ def build_train_tab(studio: Studio, launcher: Launcher, run_picker: gr.Dropdown,
     shown = gr.State(None)
     view = [summary, curves, samples, log, stop, resume, shown]
     inputs = [images, *(form[name] for name in FORM_FIELDS)]
-    start.click(handlers.start_training, inputs, [start_message, live_run], api_name="start_training")
+    started = gr.Textbox(visible=False)  # the started run's name: the API's second answer
+    start.click(handlers.start_training, inputs, [start_message, started], api_name="start_training").success(
+        handlers.pick_run, started, live_run, api_visibility="private")
     stop.click(handlers.stop_training, live_run, action_message, api_name="stop_training")
     resume.click(handlers.resume_training, live_run, action_message, api_name="resume_training")
     live_run.change(handlers.live_view, live_run, view, api_visibility="private")

@@ -15,6 +15,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -350,10 +351,11 @@ def test_a_refused_config_shows_the_trainers_error_line(root, default_model_dir)
 # ---------------------------------------------------------------- through the API
 
 
-def test_gradio_client_starts_a_run_and_reads_its_progress(default_model_dir, tmp_path):
+def test_gradio_client_starts_a_run_and_reads_its_progress(default_model_dir, tmp_path, monkeypatch):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError as ClientError
 
+    from app import __main__ as app_main
     from app.callbacks import Studio
     from tests.app.test_app import launched
 
@@ -361,8 +363,14 @@ def test_gradio_client_starts_a_run_and_reads_its_progress(default_model_dir, tm
     root.mkdir()
     settings = dict(instance_prompt=PROMPT, max_train_steps=8, resolution=64, rank=4, lora_alpha=6,
                     learning_rate=1e-3, num_validation_images=1, validation_inference_steps=2)
+    monkeypatch.setattr(app_main, "MAX_UPLOAD", "50kb")  # the server's upload limit, made small to test it
+    noise = tmp_path / "big" / "noise.png"
+    noise.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(noise)
     with launched(Studio(default_model_dir, root, device="cpu")) as url:
         client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="(?i)file size|too large|exceeds"):
+            client.predict(images=[handle_file(noise)], run_name="big", api_name="/start_training", **settings)
         message, run = client.predict(images=[handle_file(png(tmp_path / "up" / "cat.png"))],
                                       run_name="../../from client", api_name="/start_training", **settings)
         assert run == "from_client" and "started" in message
