@@ -99,8 +99,9 @@ def command_line_trainers() -> dict[Path, int]:
 class Launcher:
     """The training processes of one runs root."""
 
-    def __init__(self, runs_root: Path | None):
+    def __init__(self, runs_root: Path | None, trainer: Path = REPO_ROOT / TRAINER):
         self.root = Path(runs_root) if runs_root is not None else None
+        self.trainer = Path(trainer)  # the script (tests put a stand-in of the same name here)
         self._children: dict[Path, subprocess.Popen] = {}  # started by this app: reaped, exit codes known
         self._starting = threading.Lock()  # two Start clicks at once must not both pass the busy check
 
@@ -117,7 +118,7 @@ class Launcher:
             return self._spawn(folder, resume)
 
     def _spawn(self, folder: Path, resume: bool) -> int:
-        command = [sys.executable, TRAINER, "--config", str(folder / RUN_TOML)]
+        command = [sys.executable, str(self.trainer), "--config", str(folder / RUN_TOML)]
         if resume:
             command += ["--resume_from_checkpoint", "latest"]
         with (folder / TRAIN_LOG).open("a") as log:

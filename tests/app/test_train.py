@@ -281,13 +281,34 @@ def test_a_pid_file_of_a_reused_pid_or_another_program_is_not_a_run(tmp_path):
     assert read_pid_file(run) is None and Launcher(tmp_path).active() is None
 
 
-def test_a_command_line_run_is_found_and_stopped(tmp_path):
-    """A trainer started in a terminal (not by the app) is found through /proc and stops on SIGTERM."""
-    fake = tmp_path / "bin" / "train_dreambooth_flat.py"
-    fake.parent.mkdir()
+def stand_in_trainer(folder: Path) -> Path:
+    """A script named like the trainer that waits for SIGTERM and exits 130, as the trainer does."""
+    fake = folder / "train_dreambooth_flat.py"
+    fake.parent.mkdir(parents=True, exist_ok=True)
     fake.write_text("import signal, sys, time\n"
                     "signal.signal(signal.SIGTERM, lambda *a: sys.exit(130))\n"
                     "print('ready', flush=True)\ntime.sleep(60)\n")
+    return fake
+
+
+def test_closing_the_app_leaves_the_run_training_and_a_new_app_finds_it(root, tmp_path):
+    fake = stand_in_trainer(tmp_path / "bin")
+    folder = create_run(root, quick_form(run_name="orphan"), None, "base")
+    app_process = (f"from app.launcher import Launcher; from pathlib import Path; "
+                   f"print(Launcher(Path({str(root)!r}), Path({str(fake)!r})).start(Path({str(folder)!r})))")
+    done = subprocess.run([sys.executable, "-c", app_process], cwd=Path(__file__).parents[2], capture_output=True,
+                          text=True, timeout=60, check=True)  # the app starts the run and exits
+    pid = int(done.stdout)
+    restarted = Launcher(root)
+    wait_for(lambda: "ready" in (folder / TRAIN_LOG).read_text(), what="the stand-in to start")
+    assert restarted.running_pid(folder) == pid and restarted.active() == folder.resolve()
+    assert restarted.stop(folder) == pid
+    wait_for(lambda: restarted.running_pid(folder) is None, timeout=30, what="the stand-in to stop")
+
+
+def test_a_command_line_run_is_found_and_stopped(tmp_path):
+    """A trainer started in a terminal (not by the app) is found through /proc and stops on SIGTERM."""
+    fake = stand_in_trainer(tmp_path / "bin")
     root = tmp_path / "runs"
     (root / "cli-run").mkdir(parents=True)
     process = subprocess.Popen([sys.executable, str(fake), "--output_dir", "runs/cli-run"], cwd=tmp_path,

@@ -36,6 +36,7 @@ def test_train_stop_resume_finish_and_preview_in_the_browser(default_model_dir, 
         _screenshot(page, tmp_path, "app_live.png")
         page.locator("#train-stop").click()
         _wait_text(page, "#live-summary", rf"{RUN}: stopped, step \d+ / {STEPS}")
+        assert "exit code 130" in page.locator("#live-summary").inner_text()  # the trainer's stop code
         assert "Resume" in page.locator("#live-summary").inner_text()
         assert any(root.joinpath(RUN).glob("checkpoint-*"))
         page.locator("#train-resume").click()
