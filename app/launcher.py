@@ -112,10 +112,14 @@ class Launcher:
             raise AppError(f"{folder.name} has no {RUN_TOML}: it was not started from the app; "
                            "resume it with its own command line plus --resume_from_checkpoint latest")
         with self._starting:
-            busy = self.active()
-            if busy is not None:
-                raise AppError(f"run {busy.name} is training; stop it or wait for it to finish (one run at a time)")
+            self.check_idle()
             return self._spawn(folder, resume)
+
+    def check_idle(self) -> None:
+        """AppError while a run under the runs root is training: one run at a time."""
+        busy = self.active()
+        if busy is not None:
+            raise AppError(f"run {busy.name} is training; stop it or wait for it to finish (one run at a time)")
 
     def _spawn(self, folder: Path, resume: bool) -> int:
         command = [sys.executable, str(self.trainer), "--config", str(folder / RUN_TOML)]
@@ -145,7 +149,9 @@ class Launcher:
         if child is not None:
             child.poll()  # reaps an exited child, so its pid no longer reads as alive
         record = read_pid_file(folder)
-        if record is not None and is_trainer(record["pid"], record.get("start_ticks")):
+        # Without its start time a pid could be anyone's by now: such a record proves nothing.
+        if record is not None and isinstance(record.get("start_ticks"), int) and \
+                is_trainer(record["pid"], record["start_ticks"]):
             return record["pid"]
         return (command_line_trainers() if elsewhere is None else elsewhere).get(folder)
 

@@ -47,9 +47,7 @@ class TrainHandlers:
         try:
             if self.studio.runs_dir is None:
                 raise AppError("the app has no runs folder (start it with --runs DIR)")
-            busy = self.launcher.active()  # before writing anything: one run at a time
-            if busy is not None:
-                raise AppError(f"run {busy.name} is training; stop it or wait for it to finish (one run at a time)")
+            self.launcher.check_idle()  # before writing anything
             texts = {name: values[name] or "" for name in TEXT_FIELDS}  # an API client may send None
             form = TrainForm(**{**values, **texts})
             folder = create_run(Path(self.studio.runs_dir), form, list(images or []), self.studio.base)
