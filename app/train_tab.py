@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from . import live
 from .callbacks import Studio, metrics_figure
@@ -53,6 +54,7 @@ class TrainHandlers:
             folder = create_run(Path(self.studio.runs_dir), form, list(images or []), self.studio.base)
             pid = self.launcher.start(folder)
         except ValueError as error:
+            discard_uploads(images)
             raise gr.Error(str(error), print_exception=False) from None
         # plain values: the API's answer stays free of UI updates (pick_run shows the run)
         return f"started **{folder.name}** (pid {pid}); its log is {folder.name}/train.log", folder.name
@@ -123,6 +125,15 @@ class TrainHandlers:
         root = Path(self.studio.runs_dir) if self.studio.runs_dir is not None else None
         value = run if run in names else (names[0] if names else None)
         return gr.Dropdown(choices=names, value=value), gr.Dropdown(choices=[""] + image_folders(root))
+
+
+def discard_uploads(files) -> None:
+    """Delete refused uploads from Gradio's upload cache: uploads are kept under the runs root only."""
+    cache = Path(get_upload_folder()).resolve()
+    for file in files or []:
+        path = Path(file).resolve()
+        if path.is_relative_to(cache) and path.is_file():
+            path.unlink()
 
 
 def _signature(progress: live.Progress, folder: Path) -> tuple:

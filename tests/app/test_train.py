@@ -373,6 +373,7 @@ def test_a_refused_config_shows_the_trainers_error_line(root, default_model_dir)
 
 
 def test_gradio_client_starts_a_run_and_reads_its_progress(default_model_dir, tmp_path, monkeypatch):
+    from gradio.utils import get_upload_folder
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError as ClientError
 
@@ -395,9 +396,11 @@ def test_gradio_client_starts_a_run_and_reads_its_progress(default_model_dir, tm
         message, run = client.predict(images=[handle_file(png(tmp_path / "up" / "cat.png"))],
                                       run_name="../../from client", api_name="/start_training", **settings)
         assert run == "from_client" and "started" in message
+        refused = f"refused-{time.time_ns()}.png"  # a name no other upload has
         with pytest.raises(ClientError, match="one run at a time"):
-            client.predict(images=[handle_file(png(tmp_path / "up" / "dog.png"))], run_name="second",
+            client.predict(images=[handle_file(png(tmp_path / "up" / refused))], run_name="second",
                            api_name="/start_training", **settings)
+        assert not list(Path(get_upload_folder()).rglob(refused))  # a refused upload is not kept anywhere
         seen = []
 
         def finished():
