@@ -6,9 +6,11 @@ dozen steps of well under a second each), stop it, resume it and let it finish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +22,16 @@ import pytest
 from PIL import Image
 
 from app import live, toml_writer
-from app.launcher import RUN_TOML, TRAIN_LOG, TRAIN_PID, Launcher, is_trainer, read_pid_file, start_ticks
+from app.launcher import (
+    RUN_TOML,
+    TRAIN_LOG,
+    TRAIN_PID,
+    Launcher,
+    command_line,
+    is_trainer,
+    read_pid_file,
+    start_ticks,
+)
 from app.runs import AppError, LoraSource, suggested_prompt
 from app.train_form import TrainForm, create_run
 from app.uploads import chosen_folder, image_folders, safe_name, store_uploads
@@ -43,6 +54,17 @@ def quick_form(**overrides) -> TrainForm:
                   lora_alpha=6.0, learning_rate=1e-3, checkpointing_steps=1000.0, num_validation_images=1.0,
                   validation_inference_steps=2.0, validation_prompt="a sks cat on a sofa")
     return TrainForm(**{**values, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def no_stray_trainers(tmp_path):
+    """A failing test must not leave its trainer running: kill those working under its tmp_path."""
+    yield
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and is_trainer(int(entry.name)) and \
+                any(str(tmp_path) in part for part in command_line(int(entry.name))):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 @pytest.fixture
