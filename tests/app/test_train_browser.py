@@ -15,7 +15,7 @@ from pathlib import Path
 from app.callbacks import Studio
 from tests.app.test_app import launched
 from tests.app.test_app_browser import _require_browser, browser_page
-from tests.app.test_train import no_stray_trainers, png  # noqa: F401 (an autouse fixture)
+from tests.app.train_helpers import png
 
 RUN = "browser-run"
 PROMPT = "a sks cat on a red sofa"
