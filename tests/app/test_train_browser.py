@@ -47,13 +47,25 @@ def test_train_stop_resume_finish_and_preview_in_the_browser(default_model_dir, 
 
 def _fill_form(page, image: Path) -> None:
     page.locator("#train-run-name textarea, #train-run-name input").first.fill(RUN)
-    page.locator("#train-images input[type=file]").set_input_files(str(image))
-    page.locator("#train-images").get_by_text("my cat.png").wait_for()  # the upload arrived
     page.locator("#train-instance-prompt textarea, #train-instance-prompt input").first.fill(PROMPT)
     page.locator("#train-steps input").fill(str(STEPS))
     page.locator("#train-resolution input").fill("64")
     page.get_by_text("Samples, checkpoints, precision").click()
     page.locator("#train-sample-steps input").fill("2")
+    _upload(page, image)
+
+
+def _upload(page, image: Path, tries: int = 3) -> None:
+    """Choose the file in the upload box; again if the box (mounted when the tab first opened)
+    was not listening yet on a loaded machine."""
+    for attempt in range(tries):
+        page.locator("#train-images input[type=file]").set_input_files(str(image))
+        try:
+            page.locator("#train-images").get_by_text(image.name).wait_for(timeout=30_000)  # the upload arrived
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
 
 
 def _preview(page) -> None:
