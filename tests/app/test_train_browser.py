@@ -58,12 +58,14 @@ def _fill_form(page, image: Path) -> None:
 def _upload(page, image: Path, tries: int = 3) -> None:
     """Choose the file in the upload box; again if the box (mounted when the tab first opened)
     was not listening yet on a loaded machine."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for attempt in range(tries):
         page.locator("#train-images input[type=file]").set_input_files(str(image))
         try:
             page.locator("#train-images").get_by_text(image.name).wait_for(timeout=30_000)  # the upload arrived
             return
-        except Exception:
+        except PlaywrightTimeout:
             if attempt == tries - 1:
                 raise
 
