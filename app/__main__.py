@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_RUNS = Path("outputs")
+MAX_UPLOAD = "64mb"  # one instance photo; a camera's largest JPEG is well below
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,9 +93,10 @@ def serve(demo, studio, host: str, port: int, block: bool = True):
     # runs folder and --lora files are the only files outside cwd/tmp the server may send.
     from .ui import CSS
 
+    # max_file_size: an upload (the Train tab's instance images) larger than this is refused by the server.
     return demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=not block,
                        allowed_paths=studio.allowed_paths(), footer_links=["api"], css=CSS,
-                       prevent_thread_lock=not block)
+                       prevent_thread_lock=not block, max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

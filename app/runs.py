@@ -121,6 +121,22 @@ def read_config(folder: Path | None) -> dict:
     return config if isinstance(config, dict) else {"error": "config.json is not a JSON object"}
 
 
+def suggested_prompt(source: LoraSource) -> str | None:
+    """The prompt a run was trained for: its first validation prompt, else its instance prompt.
+
+    From config.json for a run folder, else the LoRA file's metadata (`instance_prompt`, written by the trainer).
+    """
+    config = read_config(source.folder) if source.folder is not None else {}
+    validation = config.get("validation_prompt")
+    candidates = [validation[0] if isinstance(validation, list) and validation else validation,
+                  config.get("instance_prompt")]
+    try:
+        candidates.append(read_lora_metadata(source.file).get("instance_prompt"))
+    except ValueError:  # not readable safetensors: no suggestion from it
+        pass
+    return next((c for c in candidates if isinstance(c, str) and c.strip()), None)
+
+
 def read_metadata(file: Path) -> dict:
     """The LoRA file's safetensors metadata, JSON-valued entries expanded for reading.
 

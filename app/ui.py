@@ -13,13 +13,17 @@ import gradio as gr
 
 from . import callbacks
 from .callbacks import Settings, Studio
+from .launcher import Launcher
+from .runs import suggested_prompt
+from .train_tab import build_train_tab
 
 SWEEP_DEFAULT = "0, 0.5, 1, 1.5"
 # Show small images (the tiny model draws 64 px) enlarged with hard pixel edges, so the
 # base/LoRA difference is visible; Gradio would otherwise show them at their own size.
 CSS = """
 #base-image img, #lora-image img, #compare-image img { width: 100%; height: 100%; object-fit: contain; }
-#base-image img, #lora-image img, #compare-image img, #sweep img, #samples img { image-rendering: pixelated; }
+#base-image img, #lora-image img, #compare-image img, #sweep img, #samples img,
+#live-samples img { image-rendering: pixelated; }
 """
 DEFAULT_PROMPT = "a photo of sks cat"
 
@@ -79,6 +83,11 @@ class Handlers:
         compare_run = compare_run if compare_run in labels else None
         return gr.Dropdown(choices=labels, value=run), gr.Dropdown(choices=[""] + labels, value=compare_run or "")
 
+    def default_prompt(self, run: str | None, prompt: str):
+        """The selected run's validation (or instance) prompt; the current prompt if it has none."""
+        source = self.studio.sources().get(run or "")
+        return (suggested_prompt(source) if source is not None else None) or prompt
+
     def randomise(self) -> int:
         """A new random seed."""
         return callbacks.random_seed()
@@ -97,12 +106,16 @@ def build_ui(studio: Studio) -> gr.Blocks:
         gr.Markdown(f"## Flat-LoRA preview\nBase model `{studio.base}` on {studio.device}. "
                     "Pick a training run (or a LoRA file); base and LoRA use the same seed.")
         with gr.Row():
-            run = gr.Dropdown(labels, value=labels[0] if labels else None, label="Run or LoRA file", scale=6)
+            run = gr.Dropdown(labels, value=labels[0] if labels else None, label="Run or LoRA file", scale=6,
+                              elem_id="run-picker")
             refresh = gr.Button("Refresh runs", scale=1, size="sm")
         with gr.Tab("Generate"):
-            controls, outputs = _generate_tab(size, labels)
+            first_prompt = handlers.default_prompt(labels[0] if labels else None, DEFAULT_PROMPT)
+            controls, outputs = _generate_tab(size, labels, first_prompt)
         with gr.Tab("Run browser"):
             browser = _browser_tab()
+        with gr.Tab("Train"):
+            build_train_tab(studio, Launcher(studio.runs_dir), run, size)
         prompt, negative, seed, randomise, steps, guidance, width, height, scale, compare, go = controls
         base_image, lora_image, compare_image, status, scales, sweep_button, sweep_gallery = outputs
         common = [prompt, negative, seed, steps, guidance, width, height]
@@ -114,15 +127,16 @@ def build_ui(studio: Studio) -> gr.Blocks:
         compare.change(handlers.toggle_compare, compare, compare_image, api_visibility="private")
         refresh.click(handlers.refresh, [run, compare], [run, compare], api_visibility="private")
         run.change(handlers.browse, run, browser, api_visibility="private")
+        run.change(handlers.default_prompt, [run, prompt], prompt, api_visibility="private")
         demo.load(handlers.browse, run, browser, api_visibility="private")
     return demo
 
 
-def _generate_tab(size: int, labels: list[str]):
+def _generate_tab(size: int, labels: list[str], first_prompt: str = DEFAULT_PROMPT):
     """Controls and outputs of the Generate tab."""
     with gr.Row():
         with gr.Column(scale=2, min_width=300):
-            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=2, elem_id="prompt")
+            prompt = gr.Textbox(first_prompt, label="Prompt", lines=2, elem_id="prompt")
             negative = gr.Textbox("", label="Negative prompt", lines=1)
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=callbacks.MAX_SEED)
             randomise = gr.Button("Randomise seed", size="sm", elem_id="randomise")

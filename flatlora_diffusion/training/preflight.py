@@ -23,12 +23,18 @@ def preflight(config: TrainConfig) -> None:
         check_cache_folder(config.cache_latents_to_disk)
 
 
+# What the app's Train tab (app/launcher.py) puts in a run folder before starting the trainer
+# in it: the config it wrote, the log it redirects to, the pid file and the uploaded images.
+LAUNCH_FILES = frozenset({"run.toml", "train.log", "train.pid", "instance_images"})
+
+
 def check_output_dir(config: TrainConfig) -> None:
     """Refuse to mix two runs in one folder; resuming needs the folder's own checkpoints."""
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
-    if config.resume_from_checkpoint is None and out.is_dir() and any(out.iterdir()):
+    others = out.is_dir() and any(p.name not in LAUNCH_FILES for p in out.iterdir())
+    if config.resume_from_checkpoint is None and others:
         raise UserError(f"--output_dir {out} already holds files of another run; choose a new folder "
                         "or pass --resume_from_checkpoint latest")
 

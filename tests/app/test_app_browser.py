@@ -7,6 +7,7 @@ the page's screenshot (the README's picture).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -36,27 +37,35 @@ def studio(default_model_dir, tmp_path_factory):
                   device="cpu")
 
 
-def test_prompt_generate_shows_base_and_lora_images(studio, tmp_path):
+@contextlib.contextmanager
+def browser_page(url: str, profile: Path, height: int = 900):
+    """A headless Chromium page on `url` (the system browser; skips where there is none)."""
     sync_api = _require_browser()
-    with launched(studio) as url, sync_api.sync_playwright() as playwright:
+    with sync_api.sync_playwright() as playwright:
         # Playwright refuses --user-data-dir in args: a persistent context is how it takes one.
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 900})
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": height})
         try:
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(url)
-            page.locator("#prompt textarea").fill("a photo of sks cat on a sofa")
-            page.locator("#generate").click()
-            for elem_id in ("base-image", "lora-image"):
-                image = page.locator(f"#{elem_id} img")
-                image.wait_for(state="visible")
-                assert image.evaluate("img => img.complete && img.naturalWidth") == 64
-            assert "seed 0" in page.locator("#status").inner_text()
-            _screenshot(page, tmp_path / "app.png")
+            yield page
         finally:
             context.close()
+
+
+def test_prompt_generate_shows_base_and_lora_images(studio, tmp_path):
+    _require_browser()
+    with launched(studio) as url, browser_page(url, tmp_path / "profile") as page:
+        page.locator("#prompt textarea").fill("a photo of sks cat on a sofa")
+        page.locator("#generate").click()
+        for elem_id in ("base-image", "lora-image"):
+            image = page.locator(f"#{elem_id} img")
+            image.wait_for(state="visible")
+            assert image.evaluate("img => img.complete && img.naturalWidth") == 64
+        assert "seed 0" in page.locator("#status").inner_text()
+        _screenshot(page, tmp_path / "app.png")
 
 
 def _screenshot(page, path: Path) -> None:
