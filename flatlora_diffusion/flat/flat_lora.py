@@ -38,8 +38,6 @@ class FlatLoraError(ValueError):
 class _Target:
     name: str
     layer: LoraLinear
-    base_sq_norms: torch.Tensor | None = None  # ||W_i||^2 in fp32, cached while W is unchanged
-    base_version: tuple[int, int] | None = None
 
 
 def sigma_at(step: int, sigma: float, total_steps: int, schedule: str = "cosine") -> float:
@@ -122,7 +120,20 @@ class FlatLora:
 
     @property
     def layer_names(self) -> list[str]:
-        return [target.name for target in self._targets]
+        """The layers perturb() perturbs now (see _perturbed_targets)."""
+        return [target.name for target in self._perturbed_targets()]
+
+    def _perturbed_targets(self) -> list[_Target]:
+        """The layers whose LoRA trains; all of them when none trains.
+
+        A layer whose LoRA parameters are all frozen (text encoder 1 past the penultimate hidden
+        state, which SDXL never reads) gets no gradient, so noise there cannot change anything the
+        training sees: it is skipped. With no trainable LoRA at all (evaluation: the perturbed loss
+        of a loaded, frozen LoRA, as evaluation.dreambooth.sharpness measures it) every layer is
+        perturbed. Decided at every perturb(), so freezing after construction is seen.
+        """
+        trainable = [target for target in self._targets if _lora_trainable(target.layer)]
+        return trainable or self._targets
 
     def sigma_at(self, step: int) -> float:
         return sigma_at(step, self.sigma, self.total_steps or 1, self.schedule)
@@ -143,7 +154,7 @@ class FlatLora:
         self._active = True
         try:
             with contextlib.ExitStack() as stack:
-                for target in self._targets:
+                for target in self._perturbed_targets():
                     seed = layer_seed(self.seed, step, self.rank, target.name)
                     row_std = functools.partial(self._step_row_std, target, sigma_t)
                     stack.enter_context(_compute_with_noise(target.layer.get_base_layer(), row_std, seed))
@@ -166,19 +177,23 @@ class FlatLora:
         return row_sq.clamp_min(0).sqrt_().mul_(sigma_t / math.sqrt(weight.shape[1]))  # the cache stays intact
 
     def _merged_row_sq_norms(self, target: _Target, weight: torch.Tensor) -> torch.Tensor:
-        # ||W + D||^2 per row = ||W||^2 + 2<W, D> + ||D||^2 with D = Bs·A (Bs = scaled B, out x r).
-        # ||W||^2 is cached (W is frozen); 2<W, D> + ||D||^2 = rowsum(Bs ∘ (2·W A^T + Bs·AA^T)) costs
-        # O(out·in·r), no weight-sized temporary beyond one fp32 copy of W at a time, and a handful
-        # of kernels per layer (this runs for every LoRA layer once per step).
-        version = (weight.data_ptr(), weight._version)
-        if target.base_version != version:
-            target.base_sq_norms = weight.float().square().sum(1)
-            target.base_version = version
+        # ||W + D||^2 per row = ||W||^2 + 2<W, D> + ||D||^2 with D = Bs·A (Bs = scaled B, out x r);
+        # 2<W, D> + ||D||^2 = rowsum(Bs ∘ (2·W A^T + Bs·AA^T)) costs O(out·in·r), one fp32 copy of W
+        # at a time, and a handful of kernels per layer (this runs for every LoRA layer once per step).
+        # ||W||^2 is computed afresh every step, never cached: PEFT's merge()/unmerge() change W in
+        # place (weight.data += delta) without changing its data_ptr or _version, so no cheap key
+        # notices; a merged layer's W already is W' (its delta factors are then None).
+        weight_fp32 = weight.float()
+        base_sq_norms = torch.linalg.vector_norm(weight_fp32, dim=1).square_()
         b_scaled, a = _active_delta_factors(target.layer)
         if b_scaled is None:
-            return target.base_sq_norms
-        inner = torch.addmm(weight.float() @ a.t(), b_scaled, a @ a.t(), beta=2.0)
-        return torch.linalg.vecdot(b_scaled, inner).add_(target.base_sq_norms)
+            return base_sq_norms
+        inner = torch.addmm(weight_fp32 @ a.t(), b_scaled, a @ a.t(), beta=2.0)
+        return torch.linalg.vecdot(b_scaled, inner).add_(base_sq_norms)
+
+
+def _lora_trainable(layer: LoraLayer) -> bool:
+    return any(param.requires_grad for name, param in layer.named_parameters() if "lora_" in name)
 
 
 def _active_delta_factors(layer: LoraLinear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
