@@ -24,7 +24,7 @@ def _merged_toy():
     model = inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
-    for name, layer in find_lora_layers(model):
+    for _name, layer in find_lora_layers(model):
         with torch.no_grad():
             layer.lora_B["default"].weight.mul_(20.0)  # a delta that clearly moves the row norms
     return model
