@@ -164,7 +164,10 @@ def setup(config: TrainConfig) -> Run:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total, num_cycles=config.lr_num_cycles, power=config.lr_power)
     flat = FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total,
-                    seed=config.noise_seed, rank=accelerator.process_index)
+                    seed=config.noise_seed, rank=accelerator.process_index, noise_buffer=config.flat_noise_buffer)
+    if config.flat_noise_buffer:
+        accelerator.print(f"Flat-LoRA noise buffer: {flat.noise_buffer_bytes() / 1e9:.2f} GB "
+                          "(one W+eps per perturbed layer, kept for the optimizer step)")
     prepared = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(trained, prepared[:-1]))
     encoders = [trained["text_encoder"], trained["text_encoder_2"]] if config.train_text_encoder else None
