@@ -29,9 +29,9 @@ def _steps(model, compiled, flat, loss_of, steps):
     results = []
     for step in range(steps):
         with flat.perturb(step):
-            eager = grads_of(model, lambda m: loss_of(m, step))
+            eager = grads_of(model, lambda m, step=step: loss_of(m, step))
         with flat.perturb(step), torch._dynamo.config.patch(error_on_recompile=step > 0):
-            results.append((eager, grads_of(model, lambda m: loss_of(compiled, step))))
+            results.append((eager, grads_of(model, lambda m, step=step: loss_of(compiled, step))))
     return results
 
 
