@@ -17,6 +17,7 @@ larger blocks so that the fp32 temporary stays small.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,6 +114,15 @@ def _cuda_generator(device: torch.device) -> torch.Generator:
     if device not in generators:
         generators[device] = torch.Generator(device=device)
     return generators[device]
+
+
+def _forget_threads_after_fork() -> None:
+    """A forked child (a DataLoader worker) has none of the parent's pool threads: start afresh."""
+    global _local, _pool
+    _local, _pool = threading.local(), None
+
+
+os.register_at_fork(after_in_child=_forget_threads_after_fork)
 
 
 def _thread_pool() -> ThreadPoolExecutor:
