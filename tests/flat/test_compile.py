@@ -12,7 +12,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from flatlora_diffusion import FlatLora
-from tests.flat.test_conv import conv_loss, conv_toy, grads_of
+from tests.flat.test_conv import conv_loss, conv_toy
+from tests.flat.test_flat_lora import grads_of
 from tests.helpers import add_test_loras, unet_inputs, unet_loss
 
 

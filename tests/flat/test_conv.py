@@ -14,6 +14,7 @@ from flatlora_diffusion.flat.flat_lora import find_lora_layers, layer_seed
 from flatlora_diffusion.flat.gaussian import perturbed_weight
 from flatlora_diffusion.flat.noisy_linear import layer_noise
 from flatlora_diffusion.lora.attach import lora_parameters
+from tests.flat.test_flat_lora import grads_of
 
 CONV_LORA = LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules=["down", "mix", "head"])
 
@@ -49,14 +50,6 @@ def images(seed=1, batch=3):
 def conv_loss(model, x=None, dtype=torch.float32):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         return model(images() if x is None else x).float().square().mean()
-
-
-def grads_of(model, loss_fn):
-    for p in lora_parameters(model):
-        p.grad = None
-    loss = loss_fn(model)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _merged_filters(layer) -> torch.Tensor:
