@@ -61,3 +61,18 @@ def test_compiled_conv_and_linear_full_graph_with_the_buffer(fresh_dynamo):
         flat = FlatLora(model, sigma=0.3, schedule="constant", seed=2, noise_buffer=buffered)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         _assert_close(_steps(model, compiled, flat, lambda m, step: conv_loss(m), 2), rtol=1e-5, atol=1e-7)
+
+
+def test_the_custom_ops_pass_torch_library_opcheck():
+    """Schema, fake (meta) implementations, autograd registration, AOT dispatch of both noisy ops."""
+    from flatlora_diffusion.flat.noisy_ops import NoiseSlot
+
+    linear, conv = NoiseSlot(), NoiseSlot()
+    linear.seed.fill_(123)
+    conv.seed.fill_(5)
+    x = torch.randn(3, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.flatlora.linear,
+                          (x, torch.randn(8, 6), torch.randn(8), torch.rand(8), linear.seed, linear.key))
+    images = torch.randn(2, 3, 9, 9, requires_grad=True)
+    torch.library.opcheck(torch.ops.flatlora.conv2d, (images, torch.randn(4, 3, 3, 3), None, torch.rand(4),
+                                                      conv.seed, conv.key, [2, 2], [1, 1], [1, 1]))
