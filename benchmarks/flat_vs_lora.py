@@ -12,6 +12,11 @@ Three variants of one optimizer step on the same model, data and settings:
   reference  a minimal step written here: the same PEFT-LoRA UNet, fixed latents and prompt
              embeddings, the standard SDXL epsilon loss, backward, grad-norm clip, AdamW. Nothing else.
 
+Optional variants (--variants): flat_buffer = flat with the per-step noise buffer
+(--flat_noise_buffer); flat_baseline = flat with the FlatLora of --baseline-package (e.g. a copy
+of an older flatlora_diffusion.flat importable under another name), for before/after in one run.
+--accumulation N runs N micro-batches per optimizer step in every variant.
+
 What is timed: the whole optimizer step (data of the step from the caches, forward, backward,
 clipping, optimizer, LR scheduler, zero_grad), wall clock, CUDA-synchronised on a GPU. The
 variants are interleaved in one process (lora, flat, reference, then rotated each round), so
@@ -32,6 +37,7 @@ of live memory (what max_memory_allocated reports on a GPU).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -55,6 +61,8 @@ from .machine import print_machine
 from .models import MODELS, build_parts, parameter_count
 
 VARIANTS = ("lora", "flat", "reference")
+EXTRA_VARIANTS = ("flat_buffer", "flat_baseline")
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -72,7 +80,7 @@ def make_run(args: argparse.Namespace, workdir: Path) -> training.Run:
         center_crop=True, rank=args.rank, flat_sigma=args.sigma, flat_schedule="constant",
         max_train_steps=10**6, checkpointing_steps=10**9, mixed_precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, train_text_encoder=args.train_text_encoder,
-        train_batch_size=args.batch)
+        train_batch_size=args.batch, gradient_accumulation_steps=args.accumulation)
     parts = build_parts(args.model, PRECISIONS[args.precision])
     with mock.patch.object(training, "load_sdxl", lambda *_: parts):
         return training.setup(config)
@@ -81,12 +89,18 @@ def make_run(args: argparse.Namespace, workdir: Path) -> training.Run:
 class Variants:
     """Our step with Flat-LoRA off and on, and the minimal reference step, on one model."""
 
-    def __init__(self, run: training.Run):
+    def __init__(self, run: training.Run, names: list[str], baseline_package: str | None = None):
         self.run = run
-        self.flat = run.flat
-        self.plain = FlatLora(training.unwrapped(run), sigma=0.0, schedule="constant")
+        models, sigma, seed = training.unwrapped(run), run.config.flat_sigma, run.config.noise_seed
+        self.flats = {"flat": run.flat, "lora": FlatLora(models, sigma=0.0, schedule="constant")}
+        if "flat_buffer" in names:
+            self.flats["flat_buffer"] = FlatLora(models, sigma=sigma, schedule="constant", seed=seed,
+                                                 noise_buffer=True)
+        if "flat_baseline" in names:
+            baseline = importlib.import_module(f"{baseline_package}.flat_lora").FlatLora
+            self.flats["flat_baseline"] = baseline(models, sigma=sigma, schedule="constant", seed=seed)
         self.reference = ReferenceStep(run)
-        self.steps = dict.fromkeys(VARIANTS, 0)
+        self.steps = dict.fromkeys(ALL_VARIANTS, 0)
 
     def step(self, variant: str) -> None:
         index = self.steps[variant]
@@ -94,8 +108,17 @@ class Variants:
         if variant == "reference":
             self.reference.step()
             return
-        self.run.flat = self.flat if variant == "flat" else self.plain
+        self.run.flat = self.flats[variant]
         training.optimizer_step(self.run, index)
+
+    def draws_per_layer_step(self, variant: str) -> float | None:
+        """Full-size noise draws per perturbed layer per optimizer step so far (None: not counted)."""
+        flat = self.flats.get(variant)
+        if flat is None or not hasattr(flat, "draw_counts") or not self.steps[variant] or flat.sigma == 0:
+            return None
+        perturbed = set(flat.layer_names)
+        draws = sum(n for name, n in flat.draw_counts().items() if name in perturbed)
+        return draws / len(perturbed) / self.steps[variant]
 
 
 class ReferenceStep:
@@ -111,6 +134,7 @@ class ReferenceStep:
         self.scheduler = run.parts.noise_scheduler
         self.dtype = PRECISIONS[cfg.mixed_precision]
         self.device = torch.device(device)
+        self.accumulation = cfg.gradient_accumulation_steps
         size, batch = cfg.resolution // 8, cfg.train_batch_size
         self.latents = torch.randn(batch, 4, size, size, device=device, dtype=self.dtype)
         self.time_ids = torch.tensor([[cfg.resolution, cfg.resolution, 0, 0, cfg.resolution, cfg.resolution]] * batch,
@@ -130,6 +154,13 @@ class ReferenceStep:
         return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], -1), out2[0]
 
     def step(self) -> None:
+        for _ in range(self.accumulation):
+            self.micro_batch()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def micro_batch(self) -> None:
         noise = torch.randn_like(self.latents)
         timesteps = torch.randint(0, 1000, (self.latents.shape[0],), device=self.latents.device)
         noisy = self.scheduler.add_noise(self.latents, noise, timesteps)
@@ -137,11 +168,8 @@ class ReferenceStep:
             hidden, pooled = self._encode(self.encoders) if self.encoders else self.frozen_embeds
             prediction = self.unet(noisy, timesteps, hidden,
                                    added_cond_kwargs={"text_embeds": pooled, "time_ids": self.time_ids}).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float()) / self.accumulation
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 # ------------------------------------------------------------------ measuring
@@ -213,7 +241,7 @@ def summarise(times: dict[str, list[float]], memory: dict[str, dict[str, float]]
         rows[name] = {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values),
                       "n": len(values), **memory.get(name, {})}
     ratios = {}
-    for top, bottom in (("flat", "lora"), ("lora", "reference")):
+    for top, bottom in (("flat", "lora"), ("flat_buffer", "lora"), ("flat_baseline", "lora"), ("lora", "reference")):
         if top in rows and bottom in rows:
             ratio = {"time": rows[top]["median_s"] / rows[bottom]["median_s"]}
             if "peak_mib" in rows[top] and "peak_mib" in rows[bottom]:
@@ -224,17 +252,21 @@ def summarise(times: dict[str, list[float]], memory: dict[str, dict[str, float]]
 
 def print_report(args: argparse.Namespace, run: training.Run, summary: dict) -> None:
     print_machine(torch.device(run.accelerator.device).type)
-    flat_params = sum(t.layer.get_base_layer().weight.numel() for t in run.flat._targets)
+    perturbed = set(run.flat.layer_names)
+    flat_params = sum(t.layer.get_base_layer().weight.numel() for t in run.flat._targets if t.name in perturbed)
     print(f"# model {args.model}: UNet {parameter_count(run.parts.unet) / 1e6:.1f} M params, "
           f"{len(run.flat.layer_names)} LoRA layers over {flat_params / 1e6:.1f} M base weights "
           f"(the numbers Flat-LoRA draws per noise pass)")
     print(f"# settings: {args.resolution} px, batch {args.batch}, rank {args.rank}, precision {args.precision}, "
           f"sigma {args.sigma}, gradient checkpointing {args.gradient_checkpointing}, "
-          f"text encoders trained {args.train_text_encoder}, {args.steps} timed rounds after {args.warmup} warm-up")
-    print(f"{'variant':<10} {'median s/step':>14} {'min':>9} {'max':>9} {'peak MiB':>10} {'step +MiB':>10}")
+          f"text encoders trained {args.train_text_encoder}, accumulation {args.accumulation}, "
+          f"{args.steps} timed rounds after {args.warmup} warm-up")
+    print(f"{'variant':<13} {'median s/step':>14} {'min':>9} {'max':>9} {'peak MiB':>10} {'step +MiB':>10} "
+          f"{'draws/layer/step':>17}")
     for name, row in summary["rows"].items():
         peak = f"{row['peak_mib']:10.1f} {row['step_mib']:10.1f}" if "peak_mib" in row else f"{'-':>10} {'-':>10}"
-        print(f"{name:<10} {row['median_s']:14.4f} {row['min_s']:9.4f} {row['max_s']:9.4f} {peak}")
+        draws = f"{row['draws']:17.2f}" if row.get("draws") is not None else f"{'-':>17}"
+        print(f"{name:<13} {row['median_s']:14.4f} {row['min_s']:9.4f} {row['max_s']:9.4f} {peak} {draws}")
     for label, ratio in summary["ratios"].items():
         memory = f"  peak-memory ratio {ratio['memory']:.4f}" if "memory" in ratio else ""
         print(f"ratio {label}: step-time ratio {ratio['time']:.4f}{memory}")
@@ -250,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="no", help="frozen-weight precision")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--train-text-encoder", action="store_true")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of lora,flat,reference")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
+    parser.add_argument("--baseline-package", help="package holding the flat_lora.FlatLora of flat_baseline")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (each round runs every variant once)")
     parser.add_argument("--warmup", type=int, default=2, help="rounds run first and not timed")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory subprocess (0: skip memory)")
@@ -261,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "peak of live memory, not what the allocator keeps")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, 1 warm-up, 1 memory step")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=ALL_VARIANTS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -275,19 +310,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.variants.split(",") if n]
-    unknown = set(names) - set(VARIANTS)
+    unknown = set(names) - set(ALL_VARIANTS)
     if unknown or not names:
-        print(f"error: --variants must be a comma-separated subset of {','.join(VARIANTS)}", file=sys.stderr)
+        print(f"error: --variants must be a comma-separated subset of {','.join(ALL_VARIANTS)}", file=sys.stderr)
+        return 2
+    if "flat_baseline" in names + [args.memory_probe] and not args.baseline_package:
+        print("error: the flat_baseline variant needs --baseline-package", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="flatlora-bench-") as tmp:
-        variants = Variants(make_run(args, Path(tmp)))
+        variants = Variants(make_run(args, Path(tmp)), names + [args.memory_probe], args.baseline_package)
         if args.memory_probe:
             print(json.dumps(peak_memory_alone(variants, args.memory_probe, args.memory_steps)))
             return 0
         times = time_interleaved(variants, names, args.steps, args.warmup)
         memory = memory_in_subprocesses(args, names) if args.memory_steps > 0 else {}
         summary = summarise(times, memory)
+        for name, row in summary["rows"].items():
+            row["draws"] = variants.draws_per_layer_step(name)
+        variants.run.flat = variants.flats["flat"]
         print_report(args, variants.run, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "argv"},

@@ -67,6 +67,10 @@ class TrainConfig:
     flat_sigma: float = _f(0.1, "Flat-LoRA perturbation strength (paper: 0.1 for SDXL); 0 = plain LoRA")
     flat_schedule: str = _f("cosine", "sigma schedule", choices=("cosine", "constant"))
     flat_seed: int | None = _f(None, "seed of the Flat-LoRA noise (default: --seed)")
+    flat_noise_buffer: bool = _f(
+        False, "keep each perturbed layer's W + eps for the whole optimizer step: one noise draw per layer per "
+               "step whatever the accumulation and checkpointing, for one weight copy per perturbed layer of "
+               "memory (printed at start); the same results as without it")
     # optimisation
     train_batch_size: int = _f(1, "batch size per device")
     num_train_epochs: int = _f(1, "epochs, used when --max_train_steps is not given")

@@ -160,7 +160,7 @@ def setup(config: TrainConfig) -> Run:
     total = count_total_steps(config, instances.samples_per_epoch(config.train_batch_size), accelerator.num_processes)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total, num_cycles=config.lr_num_cycles, power=config.lr_power)
-    flat = make_perturbation(config, trained, total, accelerator.process_index)
+    flat = make_perturbation(config, trained, total, accelerator.process_index, log=accelerator.print)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(trained, prepared[:-1]))
     encoders = [trained["text_encoder"], trained["text_encoder_2"]] if config.train_text_encoder else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -13,8 +14,9 @@ from flatlora_diffusion.flat.flat_lora import FlatLora, FlatLoraError
 class NoPerturbation:
     """Plain LoRA: the part of FlatLora's interface the loop uses, changing nothing.
 
-    With sigma 0 FlatLora would not touch a weight either; not building it also means layers it
-    cannot perturb (conv LoRA until flat/ supports Conv2d) train as plain LoRA instead of failing.
+    With sigma 0 FlatLora would not touch a weight either; not building it keeps plain LoRA free of
+    any Flat-LoRA bookkeeping (row norms, draw counters) and lets layers FlatLora refuses (DoRA)
+    train as plain LoRA.
     """
 
     sigma = 0.0
@@ -26,13 +28,17 @@ class NoPerturbation:
         return 0.0
 
 
-def make_perturbation(config, trained: dict[str, torch.nn.Module], total_steps: int,
-                      rank: int) -> FlatLora | NoPerturbation:
+def make_perturbation(config, trained: dict[str, torch.nn.Module], total_steps: int, rank: int,
+                      log: Callable[[str], None] = print) -> FlatLora | NoPerturbation:
     """FlatLora over the trained models; a layer it cannot perturb is one error line naming it."""
     if config.flat_sigma == 0:
         return NoPerturbation()
     try:
-        return FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total_steps,
-                        seed=config.noise_seed, rank=rank)
+        flat = FlatLora(trained, sigma=config.flat_sigma, schedule=config.flat_schedule, total_steps=total_steps,
+                        seed=config.noise_seed, rank=rank, noise_buffer=config.flat_noise_buffer)
     except FlatLoraError as error:
         raise UserError(f"--flat_sigma {config.flat_sigma}: {error} (--flat_sigma 0 trains plain LoRA)") from None
+    if config.flat_noise_buffer:
+        log(f"Flat-LoRA noise buffer: {flat.noise_buffer_bytes() / 1e9:.2f} GB "
+            "(one W+eps per perturbed layer, kept for the optimizer step)")
+    return flat

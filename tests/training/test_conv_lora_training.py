@@ -37,8 +37,7 @@ def assert_loads_without_warnings(model_dir, out) -> None:
 
 
 def test_conv_lora_run_exports_conv_modules_and_resumes_exactly(default_model_dir, instance_dir, tmp_path):  # noqa: F811
-    # --flat_sigma 0 until flat/ perturbs Conv2d LoRA (branch i13); see the xfail test below.
-    straight, resumed = straight_and_resumed(default_model_dir, instance_dir, tmp_path, *CONV, "--flat_sigma", "0",
+    straight, resumed = straight_and_resumed(default_model_dir, instance_dir, tmp_path, *CONV, "--flat_sigma", "0.1",
                                              "--lora_dropout", "0.1", "--random_flip", "--train_text_encoder")
     for name in FILES:
         assert_same_tensors(load_file(straight / name), load_file(resumed / name))
@@ -54,7 +53,6 @@ def test_conv_lora_run_exports_conv_modules_and_resumes_exactly(default_model_di
     assert_loads_without_warnings(default_model_dir, straight)
 
 
-@pytest.mark.xfail(reason="needs conv Flat-LoRA from flat/ (branch i13)", strict=False)
 def test_conv_lora_trains_under_flat_lora(default_model_dir, instance_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert run_training(args(default_model_dir, instance_dir, out, *CONV, "--flat_sigma", "0.1")) == 0
