@@ -38,7 +38,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import flatlora_diffusion.training.loop as training  # noqa: E402
+from flatlora_diffusion.data.batches import BatchMaker  # noqa: E402
 from flatlora_diffusion.training.cli import run_training  # noqa: E402
 from tests.training.test_training_script import args, assert_same_tensors, straight_and_resumed  # noqa: E402
 
@@ -56,14 +56,14 @@ def mixed_dir(tmp_path_factory):
 
 def test_mixed_aspect_ratios_train_in_buckets(default_model_dir, mixed_dir, tmp_path, monkeypatch):
     seen = []
-    original = training.BatchMaker.batch
+    original = BatchMaker.batch
 
     def record(self, stream, draws, generator):
         batch = original(self, stream, draws, generator)
         seen.append(([stream.examples[d.index].path.stem for d in draws], batch))
         return batch
 
-    monkeypatch.setattr(training.BatchMaker, "batch", record)
+    monkeypatch.setattr(BatchMaker, "batch", record)
     argv = args(default_model_dir, mixed_dir, tmp_path / "run", "--aspect_buckets", "--resolution", "128",
                 "--train_batch_size", "2", "--max_train_steps", "4", "--center_crop")
     assert run_training(argv) == 0

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-import flatlora_diffusion.training.loop as training
+from flatlora_diffusion.data.batches import BatchMaker
 from flatlora_diffusion.training.cli import run_training
 from flatlora_diffusion.training.metrics import read_metrics
 from tests.training.test_training_script import args, assert_same_tensors, instance_dir, straight_and_resumed  # noqa: F401
@@ -51,14 +51,14 @@ def dataset_args(model_dir, toml, out, *extra):
 
 def _record_batches(monkeypatch):
     seen = []
-    original = training.BatchMaker.batch
+    original = BatchMaker.batch
 
     def record(self, stream, draws, generator):
         batch = original(self, stream, draws, generator)
         seen.append(([stream.examples[d.index] for d in draws], batch))
         return batch
 
-    monkeypatch.setattr(training.BatchMaker, "batch", record)
+    monkeypatch.setattr(BatchMaker, "batch", record)
     return seen
 
 
@@ -210,8 +210,8 @@ def tagged_dir(instance_dir, tmp_path):  # noqa: F811
 def test_shuffled_captions_keep_the_trigger_first_and_drop_to_zeros(default_model_dir, tagged_dir, tmp_path,
                                                                     monkeypatch):
     seen = []
-    original = training.BatchMaker.embeds
-    monkeypatch.setattr(training.BatchMaker, "embeds", lambda self, prompts: seen.extend(prompts) or original(
+    original = BatchMaker.embeds
+    monkeypatch.setattr(BatchMaker, "embeds", lambda self, prompts: seen.extend(prompts) or original(
         self, prompts))
     assert run_training(args(default_model_dir, tagged_dir, tmp_path / "run", "--shuffle_caption", "--keep_tokens",
                              "2", "--caption_dropout_rate", "0.3", "--max_train_steps", "12")) == 0

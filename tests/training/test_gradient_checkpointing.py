@@ -8,7 +8,7 @@ import torch
 from flatlora_diffusion.sdxl.conditioning import encode_prompts
 from flatlora_diffusion.sdxl.models import load_sdxl
 from flatlora_diffusion.training.config import TrainConfig
-from flatlora_diffusion.training.loop import attach_lora
+from flatlora_diffusion.training.setup import attach_lora
 
 
 def trained_models(model_dir, tmp_path, checkpointing: bool):

@@ -27,9 +27,9 @@ from flatlora_diffusion.errors import UserError
 from flatlora_diffusion.flat.flat_lora import layer_seed
 from flatlora_diffusion.flat.gaussian import standard_normal
 from flatlora_diffusion.training.config import parse_config
-from flatlora_diffusion.training.loop import count_total_steps
 from flatlora_diffusion.training.metrics import read_metrics
 from flatlora_diffusion.training.multiprocess import check_launch
+from flatlora_diffusion.training.setup import count_total_steps
 
 REPO = Path(__file__).resolve().parents[2]
 SIGMA = 0.1

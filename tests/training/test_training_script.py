@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import flatlora_diffusion.training.loop as training
+from flatlora_diffusion.data.batches import BatchMaker
 from flatlora_diffusion.training.cli import run_training
 from flatlora_diffusion.training.metrics import read_metrics
 
@@ -84,8 +85,8 @@ def test_captions_override_the_instance_prompt(default_model_dir, instance_dir, 
     shutil.copytree(instance_dir, folder)
     (folder / "coffee.txt").write_text("a sks cup of coffee\n")
     seen = []
-    original = training.BatchMaker.embeds
-    monkeypatch.setattr(training.BatchMaker, "embeds",
+    original = BatchMaker.embeds
+    monkeypatch.setattr(BatchMaker, "embeds",
                         lambda self, prompts: seen.extend(prompts) or original(self, prompts))
     assert run_training(args(default_model_dir, folder, tmp_path / "run", "--max_train_steps", "3",
                              "--train_batch_size", "2")) == 0
