@@ -14,10 +14,15 @@ def run_training(argv: list[str] | None = None) -> int:
     from flatlora_diffusion.lora.lora_set import LoraFileError
 
     from .config import parse_config
+
+    try:
+        config = parse_config(argv)  # a refused config answers before diffusers and accelerate are imported
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from .loop import Interrupted, train
 
     try:
-        config = parse_config(argv)
         output_dir = train(config)
     except (UserError, LoraFileError) as err:  # LoraFileError: e.g. NaN weights refused at export
         print(f"error: {err}", file=sys.stderr)
