@@ -55,6 +55,7 @@ from PIL import Image
 
 from flatlora_diffusion.flat.flat_lora import FlatLora
 from flatlora_diffusion.training import loop as training
+from flatlora_diffusion.training import setup as training_setup
 from flatlora_diffusion.training.config import TrainConfig
 
 from .machine import print_machine
@@ -82,7 +83,7 @@ def make_run(args: argparse.Namespace, workdir: Path) -> training.Run:
         gradient_checkpointing=args.gradient_checkpointing, train_text_encoder=args.train_text_encoder,
         train_batch_size=args.batch, gradient_accumulation_steps=args.accumulation)
     parts = build_parts(args.model, PRECISIONS[args.precision])
-    with mock.patch.object(training, "load_sdxl", lambda *_: parts):
+    with mock.patch.object(training_setup, "load_sdxl", lambda *_: parts):
         return training.setup(config)
 
 
