@@ -102,27 +102,35 @@ def run_sweep(args, recipe: protocol.Recipe, sizes: protocol.Sizes, on_curve=Non
                "seeds": list(range(args.seeds)), "lengths": list(recipe.lengths), "base": base, "rows": [],
                "prompts_out": [p.prompt for p in protocol.prompt_sets(task, sizes)["out"]], "quick": args.quick}
     samples = {"base model": base_images["out"]}
-    jobs = [(sigma, seed) for seed in range(args.seeds) for sigma in sigmas]  # seed-major: pairs finish together
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(args.threads,)) as pool:
-        futures = [pool.submit(curve_job, args.model, data_dir, args.work, task.name, recipe, sizes, sigma, seed)
-                   for sigma, seed in jobs]
-        bar = tqdm(total=len(jobs), desc="curves (sigma x seed)", unit="curve")
-        for future in as_completed(futures):
-            rows, curve_samples = future.result()
-            results["rows"] += rows
-            samples.update(curve_samples)
-            results["minutes"] = (time.time() - started) / 60
-            last = rows[-1]
-            bar.set_postfix_str(f"σ={last['sigma']:g} seed {last['seed']}: fid_out {last['fidelity_out']:.2f} "
-                                f"adh {last['adherence']:.2f}")
-            bar.update()
-            if on_curve is not None:
-                on_curve(results, samples)
-        bar.close()
+    jobs = [(args.model, data_dir, args.work, task.name, recipe, sizes, sigma, seed)
+            for seed in range(args.seeds) for sigma in sigmas]  # seed-major: the pairs of a seed finish together
+    bar = tqdm(total=len(jobs), desc="curves (sigma x seed)", unit="curve")
+    for rows, curve_samples in curves(jobs, args.jobs, args.threads):
+        results["rows"] += rows
+        samples.update(curve_samples)
+        results["minutes"] = (time.time() - started) / 60
+        last = rows[-1]
+        bar.set_postfix_str(f"σ={last['sigma']:g} seed {last['seed']}: fid_out {last['fidelity_out']:.2f} "
+                            f"adh {last['adherence']:.2f}")
+        bar.update()
+        if on_curve is not None:
+            on_curve(results, samples)
+    bar.close()
     results["rows"].sort(key=lambda r: (r["sigma"], r["seed"], r["steps"]))
     results["minutes"] = (time.time() - started) / 60
     return results, dict(sorted(samples.items(), key=_sample_order))
+
+
+def curves(jobs: list[tuple], processes: int, threads: int):
+    """Yield (rows, samples) of each curve_job as it finishes: in this process, or in a pool of `processes`."""
+    if processes == 1:
+        for job in jobs:
+            yield curve_job(*job)
+        return
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        for future in as_completed([pool.submit(curve_job, *job) for job in jobs]):
+            yield future.result()
 
 
 def _sample_order(item) -> tuple:
@@ -156,14 +164,14 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import write_report
+    from .report import write_report, write_results
 
     args, recipe, sizes = parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"benchmark: task {args.task}, model {args.model}\nrecipe: {recipe.describe()}\n"
           f"sweep: sigmas {sorted(args.sigmas)} x seeds 0..{args.seeds - 1}, {args.jobs} process(es)", flush=True)
     with quiet_progress_bars():
-        results, samples = run_sweep(args, recipe, sizes, on_curve=lambda r, s: write_report(r, s, args.out))
+        results, samples = run_sweep(args, recipe, sizes, on_curve=lambda r, _s: write_results(r, args.out))
     report = write_report(results, samples, args.out)
     print(f"wrote {report} ({results['minutes']:.1f} min)")
     return 0

@@ -78,7 +78,7 @@ class Sizes:
 
 # The recipe per task, chosen by the pilot (evaluation/pilot.py; docs/EVALUATION.md has its table).
 RECIPES = {
-    "style": Recipe(),
+    "style": Recipe(lengths=(25, 50, 100, 200), learning_rate=3e-3, text_encoder_lr=3e-3),
     "subject": Recipe(rank=4, alpha=4.0, learning_rate=3e-3, text_encoder_lr=3e-3),
 }
 QUICK_RECIPE = Recipe(lengths=(2, 4), rank=2, alpha=1.0)

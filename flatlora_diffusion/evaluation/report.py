@@ -57,7 +57,7 @@ def means_table(results: dict) -> str:
 
 
 def comparisons_table(comparisons: list[dict], keys=HEADLINE) -> str:
-    lines = ["| metric | σ | steps | n | Δ vs σ=0 [95 % CI] | d_z | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| metric | σ | steps | n | Δ vs σ=0 [95 % CI] | d_z | p | p (Holm) |", "|" + "---|" * 8]
     for c in comparisons:
         if c["metric"] not in keys:
             continue
@@ -111,6 +111,8 @@ def plot_curves(results: dict, path: Path) -> None:
         if key in results.get("base", {}):
             ax.axhline(results["base"][key], color="gray", linestyle=":", label="base model")
         ax.set_xscale("log")
+        ax.set_xticks(results["lengths"], [str(n) for n in results["lengths"]])
+        ax.minorticks_off()
         ax.set_title(f"{label}\n({better} is better)", fontsize=8)
         ax.set_xlabel("training steps")
     for ax in axes.ravel()[len(keys):]:
@@ -199,14 +201,20 @@ Holm-corrected over all {len(comparisons)} comparisons (every metric × σ × le
 """
 
 
+def write_results(results: dict, out: Path) -> list[dict]:
+    """results.json (raw rows, the run's description and every comparison), atomically; returns the comparisons."""
+    keys = [key for key, _, _ in metric_rows(results)]
+    comparisons = stats.compare_all(results["rows"], keys, results["sigmas"], results["lengths"])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with atomic_file(Path(out) / "results.json") as tmp:
+        tmp.write_text(json.dumps({**results, "comparisons": comparisons}, indent=1, allow_nan=True))
+    return comparisons
+
+
 def write_report(results: dict, samples: dict, out: Path) -> Path:
     """Write REPORT.md, results.json, curves.png, tradeoff.png and samples.png into `out`, each atomically."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = [key for key, _, _ in metric_rows(results)]
-    comparisons = stats.compare_all(results["rows"], keys, results["sigmas"], results["lengths"])
-    with atomic_file(out / "results.json") as tmp:
-        tmp.write_text(json.dumps({**results, "comparisons": comparisons}, indent=1, allow_nan=True))
+    comparisons = write_results(results, out)
     for name, plot in (("curves.png", plot_curves), ("tradeoff.png", plot_tradeoff)):
         with atomic_file(out / name) as tmp:
             plot(results, tmp)

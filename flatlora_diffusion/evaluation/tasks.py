@@ -109,7 +109,8 @@ class StyleTask:
         whole = [_content_right(m, p.combo) for m, p in zip(content_out, sets["out"])]
         leak = [m.colour in self.train_colours or m.background in self.train_backgrounds for m in content_out]
         prior_styled = [s >= styles.STYLED_THRESHOLD for s in prior_style]
-        prior_ok = [_content_right(m, p.combo) and not st for m, p, st in zip(prior_measured, sets["prior"], prior_styled)]
+        prior_ok = [_content_right(m, p.combo) and not st
+                    for m, p, st in zip(prior_measured, sets["prior"], prior_styled)]
         return {"fidelity_in": _mean(s >= styles.STYLED_THRESHOLD for s in style_in),
                 "fidelity_out": _mean(has), "adherence": _mean(asked),
                 "joint_out": _mean(h and w for h, w in zip(has, whole)), "leak": _mean(leak),

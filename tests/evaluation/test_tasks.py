@@ -39,7 +39,8 @@ def test_style_task_data_and_prompts():
 def test_style_task_scores_ground_truth(classifier):
     task = tasks.StyleTask()
     sets = task.prompt_sets(12, 24, 12)
-    styled = {"in": _draw(sets["in"], 1, True), "out": _draw(sets["out"], 2, True), "prior": _draw(sets["prior"], 3, False)}
+    styled = {"in": _draw(sets["in"], 1, True), "out": _draw(sets["out"], 2, True),
+              "prior": _draw(sets["prior"], 3, False)}
     scores = task.score(sets, styled, classifier)
     assert {k: scores[k] for k in tasks.METRICS} == {"fidelity_in": 1.0, "fidelity_out": 1.0, "adherence": 1.0,
                                                       "joint_out": 1.0, "leak": 0.0, "prior": 1.0, "prior_leak": 0.0}
