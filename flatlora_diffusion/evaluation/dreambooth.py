@@ -22,6 +22,7 @@ from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import protocol, tasks
@@ -115,6 +116,7 @@ def run_sweep(args, recipe: protocol.Recipe, sizes: protocol.Sizes, on_curve=Non
         bar.update()
         if on_curve is not None:
             on_curve(results, samples)
+            np.savez_compressed(args.work / "samples.npz", **samples)
     bar.close()
     results["rows"].sort(key=lambda r: (r["sigma"], r["seed"], r["steps"]))
     results["minutes"] = (time.time() - started) / 60
