@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=Path("docs/eval"))
     parser.add_argument("--work", type=Path, default=Path("outputs/eval"), help="LoRA runs go here")
+    parser.add_argument("--report-only", action="store_true",
+                        help="redraw --out's report from its results.json (and --work's samples.npz), e.g. of a "
+                             "sweep stopped early; trains nothing")
     args = parser.parse_args(argv)
     if 0.0 not in args.sigmas:
         parser.error("--sigmas must include 0 (plain LoRA, the reference of every comparison)")
@@ -165,10 +168,34 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def redraw_report(out: Path, work: Path) -> int:
+    """Rewrite the report from results.json alone (the rows of whatever curves finished)."""
+    import json
+
+    from .report import write_report
+
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        print(f"error: --report-only: no {results_file}", file=sys.stderr)
+        return 2
+    results = {k: v for k, v in json.loads(results_file.read_text()).items() if k != "comparisons"}
+    done = {r["seed"] for r in results["rows"]}
+    results["seeds"] = sorted(s for s in done if all(
+        any(r["seed"] == s and r["sigma"] == sigma for r in results["rows"]) for sigma in results["sigmas"]))
+    results["rows"] = sorted((r for r in results["rows"] if r["seed"] in results["seeds"]),
+                             key=lambda r: (r["sigma"], r["seed"], r["steps"]))
+    samples = dict(np.load(work / "samples.npz")) if (work / "samples.npz").is_file() else {}
+    report = write_report(results, dict(sorted(samples.items(), key=_sample_order)), out)
+    print(f"wrote {report} from {len(results['rows'])} rows (complete seeds {results['seeds']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .report import write_report, write_results
 
     args, recipe, sizes = parse_args(argv)
+    if args.report_only:
+        return redraw_report(args.out, args.work)
     torch.set_num_threads(args.threads)
     print(f"benchmark: task {args.task}, model {args.model}\nrecipe: {recipe.describe()}\n"
           f"sweep: sigmas {sorted(args.sigmas)} x seeds 0..{args.seeds - 1}, {args.jobs} process(es)", flush=True)
