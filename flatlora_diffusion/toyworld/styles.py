@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import world_metrics
-from .toy_world import IMAGE_SIZE, PALETTE, SUPERSAMPLE, Scene, _inside
+from .toy_world import PALETTE, Scene, _inside, render, render_many
 
 STYLE_SHAPES = ("circle", "square", "triangle")
 STYLE_COLOURS = tuple(PALETTE)
@@ -40,34 +40,22 @@ def check_style_scene(scene: Scene) -> None:
         raise ValueError(f"the hollow style is drawn on {STYLE_SHAPES} only, not on a {scene.shape}")
 
 
-def hollow_coverage(scene: Scene) -> np.ndarray:
-    """Fraction of each output pixel covered by the hollow shape, float32 [64, 64] in [0, 1]."""
-    check_style_scene(scene)
-    r = scene.half_width
-    x0, x1 = max(0, int(np.floor(scene.cx - r)) - 1), min(IMAGE_SIZE, int(np.ceil(scene.cx + r)) + 1)
-    y0, y1 = max(0, int(np.floor(scene.cy - r)) - 1), min(IMAGE_SIZE, int(np.ceil(scene.cy + r)) + 1)
-    x = (((np.arange((x1 - x0) * SUPERSAMPLE) + 0.5) / SUPERSAMPLE + x0 - scene.cx) / r)[None, :]
-    y = (((np.arange((y1 - y0) * SUPERSAMPLE) + 0.5) / SUPERSAMPLE + y0 - scene.cy) / r)[:, None]
-    k, (ix, iy) = SHRINK[scene.shape], INCENTRE[scene.shape]
-    mask = _inside(scene.shape, x, y) & ~_inside(scene.shape, (x - ix) / k + ix, (y - iy) / k + iy)
-    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
-    out[y0:y1, x0:x1] = mask.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
-    return out
+def hollow_inside(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Sample points (units of the half-width, y down) inside the hollow `shape`: in it, not in its hole."""
+    k, (ix, iy) = SHRINK[shape], INCENTRE[shape]
+    return _inside(shape, x, y) & ~_inside(shape, (x - ix) / k + ix, (y - iy) / k + iy)
 
 
 def render_styled(scene: Scene) -> np.ndarray:
     """The image of `scene` in the hollow style, uint8 [64, 64, 3]."""
-    alpha = hollow_coverage(scene)[..., None]
-    fg = np.asarray(PALETTE[scene.colour], np.float32)
-    bg = np.asarray(PALETTE[scene.background], np.float32)
-    return np.rint(bg + (fg - bg) * alpha).astype(np.uint8)
+    check_style_scene(scene)
+    return render(scene, hollow_inside)
 
 
 def render_styled_many(scenes: list[Scene]) -> np.ndarray:
-    out = np.empty((len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    for i, scene in enumerate(scenes):
-        out[i] = render_styled(scene)
-    return out
+    for scene in scenes:
+        check_style_scene(scene)
+    return render_many(scenes, hollow_inside)
 
 
 # ---------------------------------------------------------------- measurement
