@@ -123,24 +123,29 @@ def plot_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tradeoff(results: dict, path: Path, x_key: str = "fidelity_out", y_key: str = "adherence") -> None:
-    """Adherence against out-of-domain fidelity, one line per sigma through its lengths (labelled by steps).
+TRADEOFFS = (("adherence", "prompt adherence (asked colour and background)"),
+             ("prior", "prior preservation (no trigger: right, no style)"))
 
-    A curve above plain LoRA's gives better adherence at equal fidelity; one that only lags along
-    the same curve is merely training slower.
+
+def plot_tradeoff(results: dict, path: Path, x_key: str = "fidelity_out") -> None:
+    """Adherence and prior preservation against out-of-domain fidelity, one line per sigma through its lengths.
+
+    A curve above plain LoRA's gives more of the other good at equal fidelity; one that only lags
+    along the same curve is merely training slower.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for sigma in results["sigmas"]:
-        x, _ = curve_mean(results["rows"], x_key, sigma, results["lengths"])
-        y, _ = curve_mean(results["rows"], y_key, sigma, results["lengths"])
-        ax.plot(x, y, marker="o", label=_sigma_label(sigma))
-        for xi, yi, steps in zip(x, y, results["lengths"]):
-            ax.annotate(str(steps), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("out-of-domain fidelity (concept shown)")
-    ax.set_ylabel("prompt adherence (asked colour and background)")
-    ax.set_title("fidelity vs adherence along training (mean over seeds)", fontsize=9)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(TRADEOFFS), figsize=(11, 4.5))
+    for ax, (y_key, y_label) in zip(axes, TRADEOFFS):
+        for sigma in results["sigmas"]:
+            x, _ = curve_mean(results["rows"], x_key, sigma, results["lengths"])
+            y, _ = curve_mean(results["rows"], y_key, sigma, results["lengths"])
+            ax.plot(x, y, marker="o", label=_sigma_label(sigma))
+            for xi, yi, steps in zip(x, y, results["lengths"]):
+                ax.annotate(str(steps), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("out-of-domain fidelity (style shown; labels: steps)")
+        ax.set_ylabel(y_label)
+        ax.set_title(f"{y_key} vs fidelity along training (mean over seeds)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
