@@ -20,7 +20,7 @@ model: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole protocol (issue 15): 4 sigmas x 5 seeds x 5 lengths, two processes; see docs/EVALUATION.md.
+# The whole protocol (issue 15): 4 sigmas x 5 seeds x 6 lengths (25-800 steps), two processes; see docs/EVALUATION.md.
 eval: setup
 	$(PY) -m flatlora_diffusion.evaluation.dreambooth --seeds 5 --sigmas 0 0.05 0.1 0.2 --jobs 2 --out docs/eval
 
