@@ -27,7 +27,8 @@ METRICS = (
     ("prior_leak", "concept shown without the trigger", "lower"),
     ("loss", "training-image denoising loss (fixed noise)", "lower"),
 )
-HEADLINE = ("fidelity_out", "adherence", "joint_out", "prior")  # the comparisons tabled in full
+# the comparisons tabled in full (results.json has every one)
+HEADLINE = ("fidelity_in", "fidelity_out", "adherence", "joint_out", "prior", "prior_leak", "sharpness_0.1")
 
 
 def metric_rows(results: dict) -> list[tuple[str, str, str]]:
