@@ -28,7 +28,11 @@ def paired_values(rows: list[dict], key: str, sigma: float, steps: int, ref_sigm
 
 
 def paired_t(diff: np.ndarray) -> tuple[float, float]:
-    """(t, two-sided p) of the paired differences; nan with fewer than two pairs."""
+    """(t, two-sided p) of the paired differences; nan with fewer than two pairs.
+
+    Differences without spread make t infinite (or 0/0); then the two-sided exact sign test is what
+    is left to say: all n in one direction has p = 2 * 0.5^n (0.25 for 3 seeds), not 0.
+    """
     from scipy import stats
 
     n = len(diff)
@@ -37,7 +41,7 @@ def paired_t(diff: np.ndarray) -> tuple[float, float]:
     sd = float(diff.std(ddof=1))
     mean = float(diff.mean())
     if sd <= 1e-12 * max(1.0, abs(mean)):  # identical (or constantly shifted) pairs: t is 0 or infinite
-        return (0.0, 1.0) if abs(mean) <= 1e-12 else (math.copysign(math.inf, mean), 0.0)
+        return (0.0, 1.0) if abs(mean) <= 1e-12 else (math.copysign(math.inf, mean), min(1.0, 2 * 0.5 ** n))
     t = mean / (sd / math.sqrt(n))
     return t, float(2 * stats.t.sf(abs(t), n - 1))
 
