@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=Path("docs/eval"))
     parser.add_argument("--work", type=Path, default=Path("outputs/eval"), help="LoRA runs go here")
+    parser.add_argument("--extend", action="store_true",
+                        help="add the --lengths that --out's finished sweep lacks, resuming its runs in --work")
     parser.add_argument("--report-only", action="store_true",
                         help="redraw --out's report from its results.json (and --work's samples.npz), e.g. of a "
                              "sweep stopped early; trains nothing")
@@ -77,7 +79,7 @@ def _init_worker(threads: int) -> None:
 
 
 def curve_job(model_dir: Path, data_dir: Path, work: Path, task_name: str, recipe: protocol.Recipe,
-              sizes: protocol.Sizes, sigma: float, seed: int) -> tuple[list[dict], dict]:
+              sizes: protocol.Sizes, sigma: float, seed: int, done: tuple[int, ...] = ()) -> tuple[list[dict], dict]:
     """One (sigma, seed) curve in a worker; returns its rows and (seed 0 only) its held-out images."""
     from flatlora_diffusion.toyworld.world_metrics import load_shape_classifier
 
@@ -87,7 +89,7 @@ def curve_job(model_dir: Path, data_dir: Path, work: Path, task_name: str, recip
         if seed == 0:
             samples[f"σ={sigma:g} {row['steps']} st"] = images["out"]
     rows = protocol.run_curve(model_dir, data_dir, work, task, recipe, sizes, sigma, seed, load_shape_classifier(),
-                              on_point=keep)
+                              on_point=keep, done=done)
     return rows, samples
 
 
@@ -99,20 +101,26 @@ def run_sweep(args, recipe: protocol.Recipe, sizes: protocol.Sizes, on_curve=Non
 
     task = tasks.get_task(args.task)
     started = time.time()
-    data_dir = tasks.write_training_folder(task, args.work / f"{task.name}_data")
-    base, base_images = protocol.evaluate(args.model, None, task, sizes, load_shape_classifier(), gen_seed=0)
-    sigmas = sorted(args.sigmas)
-    results = {"run": protocol.describe_run(task, recipe, sizes, args.model), "sigmas": sigmas,
-               "seeds": list(range(args.seeds)), "lengths": list(recipe.lengths), "base": base, "rows": [],
-               "prompts_out": [p.prompt for p in protocol.prompt_sets(task, sizes)["out"]], "quick": args.quick}
-    samples = {"base model": base_images["out"]}
-    jobs = [(args.model, data_dir, args.work, task.name, recipe, sizes, sigma, seed)
-            for seed in range(args.seeds) for sigma in sigmas]  # seed-major: the pairs of a seed finish together
+    data_dir = args.work / f"{task.name}_data"
+    if args.extend:
+        results, samples = previous_sweep(args, recipe)
+    else:
+        tasks.write_training_folder(task, data_dir)
+        base, base_images = protocol.evaluate(args.model, None, task, sizes, load_shape_classifier(), gen_seed=0)
+        results = {"sigmas": sorted(args.sigmas), "seeds": list(range(args.seeds)), "base": base, "rows": [],
+                   "prompts_out": [p.prompt for p in protocol.prompt_sets(task, sizes)["out"]], "quick": args.quick}
+        samples = {"base model": base_images["out"]}
+    results.update(run=protocol.describe_run(task, recipe, sizes, args.model), lengths=list(recipe.lengths))
+    earlier = results.get("minutes", 0.0)
+    jobs = [(args.model, data_dir, args.work, task.name, recipe, sizes, sigma, seed,
+             tuple(r["steps"] for r in results["rows"] if r["sigma"] == sigma and r["seed"] == seed))
+            for seed in results["seeds"] for sigma in results["sigmas"]]  # seed-major: a seed's pairs finish together
+    jobs = [job for job in jobs if len(job[-1]) < len(recipe.lengths)]
     bar = tqdm(total=len(jobs), desc="curves (sigma x seed)", unit="curve")
     for rows, curve_samples in curves(jobs, args.jobs, args.threads):
         results["rows"] += rows
         samples.update(curve_samples)
-        results["minutes"] = (time.time() - started) / 60
+        results["minutes"] = earlier + (time.time() - started) / 60
         last = rows[-1]
         bar.set_postfix_str(f"σ={last['sigma']:g} seed {last['seed']}: fid_out {last['fidelity_out']:.2f} "
                             f"adh {last['adherence']:.2f}")
@@ -122,8 +130,26 @@ def run_sweep(args, recipe: protocol.Recipe, sizes: protocol.Sizes, on_curve=Non
             np.savez_compressed(args.work / "samples.npz", **samples)
     bar.close()
     results["rows"].sort(key=lambda r: (r["sigma"], r["seed"], r["steps"]))
-    results["minutes"] = (time.time() - started) / 60
+    results["minutes"] = earlier + (time.time() - started) / 60
     return results, dict(sorted(samples.items(), key=_sample_order))
+
+
+def previous_sweep(args, recipe: protocol.Recipe) -> tuple[dict, dict]:
+    """--extend: the finished sweep in --out (results.json) and --work (runs, samples.npz) to add lengths to."""
+    import json
+
+    found = args.out / "results.json"
+    if not found.is_file() or not (args.work / "samples.npz").is_file():
+        _refuse(f"--extend needs {found} and {args.work / 'samples.npz'} of a finished sweep")
+    results = {k: v for k, v in json.loads(found.read_text()).items() if k != "comparisons"}
+    if not set(results["lengths"]) < set(recipe.lengths):
+        _refuse(f"--extend: --lengths must add lengths to the sweep's {results['lengths']}")
+    return results, dict(np.load(args.work / "samples.npz"))
+
+
+def _refuse(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def curves(jobs: list[tuple], processes: int, threads: int):

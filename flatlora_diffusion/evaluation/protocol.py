@@ -157,17 +157,18 @@ def evaluate(model_dir: Path, lora: Path | None, task, sizes: Sizes, classifier,
 
 
 def run_curve(model_dir: Path, data_dir: Path, work: Path, task, recipe: Recipe, sizes: Sizes, sigma: float,
-              seed: int, classifier, on_point=None) -> list[dict]:
+              seed: int, classifier, on_point=None, done: tuple[int, ...] = ()) -> list[dict]:
     """Train (task, sigma, seed) through every length; one result row per length.
 
-    `on_point(row, images)` is called after each length (progress, samples).
+    `on_point(row, images)` is called after each length (progress, samples). `done`: lengths
+    already scored (rows elsewhere); the curve then resumes from its last checkpoint in `work`.
     """
     out = work / f"{task.name}_sigma{sigma:g}_seed{seed}"
-    if out.exists():
+    if out.exists() and not done:
         shutil.rmtree(out)  # a stale run would be resumed from its last checkpoint
     instance_prompt = task.training_images()[1][0]
     rows, trained_s = [], 0.0
-    for steps in recipe.lengths:
+    for steps in (n for n in recipe.lengths if n not in done):
         t0 = time.time()
         lora = train_stage(training_args(model_dir, data_dir, out, recipe, sigma, seed, steps, instance_prompt),
                            out, steps)

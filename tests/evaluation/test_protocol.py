@@ -59,6 +59,15 @@ def test_quick_protocol_end_to_end(default_model_dir, tmp_path, capsys):
     (out / "REPORT.md").unlink()
     assert dreambooth.main(["--report-only", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     assert (out / "REPORT.md").read_text().split("## Paired")[1] == text.split("## Paired")[1]
+    common = ["--quick", "--seeds", "1", "--sigmas", "0", "0.1", "--out", str(out), "--work", str(tmp_path / "work"),
+              "--model", str(default_model_dir)]
+    assert dreambooth.main(common + ["--extend", "--lengths", "2", "4", "6"]) == 0  # resumes each curve to 6 steps
+    extended = json.loads((out / "results.json").read_text())
+    assert [(r["sigma"], r["steps"]) for r in extended["rows"]] == [(s, n) for s in (0.0, 0.1) for n in (2, 4, 6)]
+    assert extended["rows"][0] == results["rows"][0] and extended["lengths"] == [2, 4, 6]
+    with pytest.raises(SystemExit) as stop:
+        dreambooth.main(common + ["--extend", "--lengths", "2", "4", "6"])  # nothing left to add
+    assert stop.value.code == 2
 
 
 def test_cli_refuses_a_missing_model_and_no_reference(tmp_path, capsys):
