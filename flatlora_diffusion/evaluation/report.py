@@ -27,6 +27,7 @@ METRICS = (
     ("prior_leak", "concept shown without the trigger", "lower"),
     ("loss", "training-image denoising loss (fixed noise)", "lower"),
 )
+SHARES = tuple(key for key, _, _ in METRICS if key != "loss")  # shares of prompts (the rest: losses)
 # the comparisons tabled in full (results.json has every one)
 HEADLINE = ("fidelity_in", "fidelity_out", "adherence", "joint_out", "prior", "prior_leak", "sharpness_0.1")
 
@@ -51,7 +52,7 @@ def means_table(results: dict) -> str:
             cells = []
             for s in sigmas:
                 c = stats.cell_summary(rows, key, s, steps)
-                fmt = ".3f" if key in dict((m[0], 1) for m in METRICS[:7]) else ".3g"
+                fmt = ".3f" if key in SHARES else ".3g"
                 cells.append("–" if c["n"] == 0 else f"{c['mean']:{fmt}} ± {c['sd']:.2g}")
             lines.append(f"| {label} ({better}) | {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -62,8 +63,9 @@ def comparisons_table(comparisons: list[dict], keys=HEADLINE) -> str:
     for c in comparisons:
         if c["metric"] not in keys:
             continue
-        lines.append(f"| {c['metric']} | {c['sigma']:g} | {c['steps']} | {c['n']} | {c['diff']:+.3f} "
-                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['dz']:.2f} | {_p(c['p'])} | {_p(c['p_holm'])} |")
+        fmt = "+.3f" if c["metric"] in SHARES else "+.2e"  # losses and sharpness are small numbers
+        lines.append(f"| {c['metric']} | {c['sigma']:g} | {c['steps']} | {c['n']} | {c['diff']:{fmt}} "
+                     f"[{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}] | {c['dz']:.2f} | {_p(c['p'])} | {_p(c['p_holm'])} |")
     return "\n".join(lines)
 
 
