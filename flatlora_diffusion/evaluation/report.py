@@ -65,7 +65,8 @@ def comparisons_table(comparisons: list[dict], keys=HEADLINE) -> str:
             continue
         fmt = "+.3f" if c["metric"] in SHARES else "+.2e"  # losses and sharpness are small numbers
         lines.append(f"| {c['metric']} | {c['sigma']:g} | {c['steps']} | {c['n']} | {c['diff']:{fmt}} "
-                     f"[{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}] | {c['dz']:.2f} | {_p(c['p'])} | {_p(c['p_holm'])} |")
+                     f"[{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}] | {c['dz']:.2f} | {_p(c['p'])} "
+                     f"| {_p(c['p_holm'])} |")
     return "\n".join(lines)
 
 
