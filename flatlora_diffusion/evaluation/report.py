@@ -156,7 +156,7 @@ def plot_tradeoff(results: dict, path: Path, x_key: str = "fidelity_out") -> Non
 
 
 def plot_samples(samples: dict[str, np.ndarray], prompts: list[str], path: Path, columns: int = 8) -> None:
-    """Rows: base model, then each (sigma, steps) of seed 0; columns: the first held-out prompts."""
+    """Rows: base model, then (sigma, steps) of seed 0 (shortest, middle, longest); columns: held-out prompts."""
     plt = _pyplot()
     rows = list(samples)
     columns = min(columns, len(prompts))
@@ -228,8 +228,12 @@ def write_report(results: dict, samples: dict, out: Path) -> Path:
         with atomic_file(out / name) as tmp:
             plot(results, tmp)
     if samples:
+        lengths = results["lengths"]
+        shown = {f" {n} st" for n in (lengths[0], lengths[len(lengths) // 2], lengths[-1])}  # keep the image readable
+        rows = {name: images for name, images in samples.items()
+                if name == "base model" or any(name.endswith(tail) for tail in shown)}
         with atomic_file(out / "samples.png") as tmp:
-            plot_samples(samples, results["prompts_out"], tmp)
+            plot_samples(rows, results["prompts_out"], tmp)
     with atomic_file(out / "REPORT.md") as tmp:
         tmp.write_text(render_markdown(results, comparisons))
     return out / "REPORT.md"
