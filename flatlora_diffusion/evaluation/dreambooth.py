@@ -117,14 +117,19 @@ def run_sweep(args, recipe: protocol.Recipe, sizes: protocol.Sizes, on_curve=Non
             for seed in results["seeds"] for sigma in results["sigmas"]]  # seed-major: a seed's pairs finish together
     jobs = [job for job in jobs if len(job[-1]) < len(recipe.lengths)]
     bar = tqdm(total=len(jobs), desc="curves (sigma x seed)", unit="curve")
-    for rows, curve_samples in curves(jobs, args.jobs, args.threads):
+    results["failed"] = []
+    for job, rows, curve_samples, error in curves(jobs, args.jobs, args.threads):
+        bar.update()
+        if error:
+            results["failed"].append({"sigma": job[6], "seed": job[7], "error": error})
+            bar.write(f"curve sigma {job[6]:g} seed {job[7]} failed: {error}")
+            continue
         results["rows"] += rows
         samples.update(curve_samples)
         results["minutes"] = earlier + (time.time() - started) / 60
         last = rows[-1]
         bar.set_postfix_str(f"σ={last['sigma']:g} seed {last['seed']}: fid_out {last['fidelity_out']:.2f} "
                             f"adh {last['adherence']:.2f}")
-        bar.update()
         if on_curve is not None:
             on_curve(results, samples)
             np.savez_compressed(args.work / "samples.npz", **samples)
@@ -153,15 +158,23 @@ def _refuse(message: str):
 
 
 def curves(jobs: list[tuple], processes: int, threads: int):
-    """Yield (rows, samples) of each curve_job as it finishes: in this process, or in a pool of `processes`."""
+    """Yield (job, rows, samples, error) of each curve_job as it finishes, in this process or in a pool.
+
+    In a pool a failed curve (e.g. a library reinstalled under a running sweep) is reported as its
+    `error` and the sweep goes on; `--extend` reruns the curves that have no rows.
+    """
     if processes == 1:
         for job in jobs:
-            yield curve_job(*job)
+            yield (job, *curve_job(*job), None)
         return
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        for future in as_completed([pool.submit(curve_job, *job) for job in jobs]):
-            yield future.result()
+        futures = {pool.submit(curve_job, *job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                yield (futures[future], *future.result(), None)
+            except Exception as err:  # one curve's failure must not lose the others
+                yield futures[future], [], {}, f"{type(err).__name__}: {err}"
 
 
 def _sample_order(item) -> tuple:
@@ -229,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         results, samples = run_sweep(args, recipe, sizes, on_curve=lambda r, _s: write_results(r, args.out))
     report = write_report(results, samples, args.out)
     print(f"wrote {report} ({results['minutes']:.1f} min)")
+    if results["failed"]:
+        print(f"error: {len(results['failed'])} curve(s) failed (listed in results.json); "
+              "rerun them with --extend", file=sys.stderr)
+        return 1
     return 0
 
 

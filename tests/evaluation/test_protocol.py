@@ -96,3 +96,10 @@ def test_pilot_table_marks_the_target():
     lines = pilot.pilot_table(rows).splitlines()
     assert lines[2].startswith("| a | 50 | 1 | 0.95 | 0.60") and lines[2].endswith("| ✓ |")
     assert lines[3].endswith("|  |")
+
+
+def test_a_failed_curve_in_a_pool_is_reported_not_fatal(tmp_path):
+    job = (tmp_path / "no-model", tmp_path / "no-data", tmp_path / "work", "style", protocol.QUICK_RECIPE,
+           protocol.QUICK_SIZES, 0.0, 0, ())
+    [(returned, rows, samples, error)] = list(dreambooth.curves([job], processes=2, threads=1))
+    assert returned == job and rows == [] and samples == {} and error
