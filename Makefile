@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo eval model world-model shape-classifier lint clean
+.PHONY: setup test demo eval pilot model world-model shape-classifier lint clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,12 @@ model: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The whole protocol (issue 15): 4 sigmas x 5 seeds x 6 lengths (25-800 steps), two processes; see docs/EVALUATION.md.
 eval: setup
-	$(PY) -m flatlora_diffusion.evaluation.dreambooth --seeds 5 --sigmas 0 0.05 0.1 0.15 --out docs
+	$(PY) -m flatlora_diffusion.evaluation.dreambooth --seeds 5 --sigmas 0 0.05 0.1 0.2 --jobs 2 --out docs/eval
+
+pilot: setup
+	$(PY) -m flatlora_diffusion.evaluation.pilot --task style --out docs/eval/pilot_results.json
 
 world-model: setup
 	$(PY) -m flatlora_diffusion.toyworld.pretrain --seed 0 --images 32000 --vae-steps 712 --decoder-steps 363 --unet-steps 2000

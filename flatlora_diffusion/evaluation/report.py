@@ -1,9 +1,7 @@
-"""Write the DreamBooth evaluation's report: docs/EVALUATION.md, its plots, sample grid and raw JSON.
+"""Write a sweep's report: REPORT.md, results.json, the curve and trade-off plots and a samples image.
 
-Statistics: for every metric, mean and standard deviation over seeds per sigma, and a paired
-t-test (scipy.stats.ttest_rel) of each sigma against sigma = 0 over the same seeds. Runs with one
-seed pair share data order, diffusion noise and generation seeds, so pairing removes that part of
-the spread. No correction for the many tests is applied: read single p-values near 0.05 with care.
+The folder (docs/eval/ by default) is rewritten as a whole by every sweep; docs/EVALUATION.md is
+written by hand and reads it.
 """
 
 from __future__ import annotations
@@ -16,263 +14,226 @@ import numpy as np
 
 from flatlora_diffusion.atomic import atomic_file
 
+from . import stats
+
 # (key, label, which way is better)
 METRICS = (
-    ("subject_fidelity", "subject fidelity (held-out prompts drawn as the subject)", "higher"),
-    ("prompt_fidelity", "prompt fidelity (asked colour and background)", "higher"),
-    ("subject_and_prompt", "subject and prompt both right", "higher"),
-    ("instance_leak", "overfitting: instance colour/background leaks", "lower"),
-    ("prior_preservation", "prior preservation (class prompts fully right)", "higher"),
-    ("prior_subject_leak", "class prompts drawn as the subject", "lower"),
-    ("instance_fidelity", "instance prompt drawn as the subject", "higher"),
-    ("loss", "instance denoising loss (fixed noise)", "lower"),
+    ("fidelity_in", "in-domain fidelity (concept on trained combinations)", "higher"),
+    ("fidelity_out", "out-of-domain fidelity (concept on held-out combinations)", "higher"),
+    ("adherence", "prompt adherence (asked colour and background, held-out)", "higher"),
+    ("joint_out", "concept and whole asked content (held-out)", "higher"),
+    ("leak", "leakage of the training colours (held-out)", "lower"),
+    ("prior", "prior preservation (no trigger: right and no concept)", "higher"),
+    ("prior_leak", "concept shown without the trigger", "lower"),
+    ("loss", "training-image denoising loss (fixed noise)", "lower"),
 )
+SHARES = tuple(key for key, _, _ in METRICS if key != "loss")  # shares of prompts (the rest: losses)
+# the comparisons tabled in full (results.json has every one)
+HEADLINE = ("fidelity_in", "fidelity_out", "adherence", "joint_out", "prior", "prior_leak", "sharpness_0.1")
 
 
 def metric_rows(results: dict) -> list[tuple[str, str, str]]:
-    rhos = results["protocol"]["rhos"]
+    rhos = results["run"]["sizes"]["rhos"]
     return list(METRICS) + [(f"sharpness_{rho:g}", f"sharpness, rho = {rho:g} (loss increase)", "lower")
                             for rho in rhos]
 
 
-def values(results: dict, key: str, sigma: float) -> np.ndarray:
-    """The metric over seeds for one sigma, in seed order (so two sigmas pair by seed)."""
-    runs = sorted((r for r in results["runs"] if r["sigma"] == sigma), key=lambda r: r["seed"])
-    return np.asarray([r[key] for r in runs], np.float64)
+def _sigma_label(sigma: float) -> str:
+    return "LoRA (σ=0)" if sigma == 0 else f"Flat-LoRA σ={sigma:g}"
 
 
-def paired_p(x: np.ndarray, ref: np.ndarray) -> float:
-    """Two-sided paired t-test p-value; nan with fewer than two pairs or identical pairs."""
-    from scipy import stats
-
-    if len(x) < 2:
-        return math.nan
-    diff = x - ref
-    if np.allclose(diff, 0.0):  # identical runs: no evidence of any difference
-        return 1.0
-    if np.allclose(diff, diff[0]):  # constant non-zero difference: t is infinite
-        return 0.0
-    return float(stats.ttest_rel(x, ref).pvalue)
-
-
-def summary(results: dict) -> dict:
-    """{metric: {sigma: {"mean", "sd", "p", "n"}}} with p against sigma = 0."""
-    out = {}
-    for key, _, _ in metric_rows(results):
-        ref = values(results, key, 0.0)
-        out[key] = {}
-        for sigma in results["sigmas"]:
-            x = values(results, key, sigma)
-            out[key][f"{sigma:g}"] = {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-                                      "p": math.nan if sigma == 0 else paired_p(x, ref), "n": len(x)}
-    return out
-
-
-def _cell(stats: dict, sigma: float, fraction: bool) -> str:
-    # fractions of prompts read best with fixed decimals; losses span decades, so significant digits
-    text = f"{stats['mean']:.3f} ± {stats['sd']:.3f}" if fraction else f"{stats['mean']:.3g} ± {stats['sd']:.2g}"
-    if sigma != 0:
-        p = stats["p"]
-        text += " (p n/a)" if math.isnan(p) else f" (p={p:.3f}{'*' if p < 0.05 else ''})"
-    return text
-
-
-def markdown_table(results: dict, stats: dict) -> str:
-    """Metric rows, one column for the base model and one per sigma (mean ± sd over seeds, paired p vs 0)."""
-    sigmas = results["sigmas"]
-    head = "| metric | better | base model | " + " | ".join(
-        "LoRA (σ=0)" if s == 0 else f"Flat-LoRA σ={s:g}" for s in sigmas) + " |"
-    lines = [head, "|" + "---|" * (3 + len(sigmas))]
+def means_table(results: dict) -> str:
+    """One row per (metric, steps); one column per sigma: mean ± sd over seeds."""
+    rows, sigmas = results["rows"], results["sigmas"]
+    lines = ["| metric | steps | " + " | ".join(_sigma_label(s) for s in sigmas) + " |",
+             "|" + "---|" * (2 + len(sigmas))]
     for key, label, better in metric_rows(results):
-        base = results["base"].get(key)
-        base_text = "–" if base is None else f"{base:.3f}"
-        fraction = key not in ("loss",) and not key.startswith("sharpness")
-        cells = " | ".join(_cell(stats[key][f"{s:g}"], s, fraction) for s in sigmas)
-        lines.append(f"| {label} | {better} | {base_text} | {cells} |")
+        for steps in results["lengths"]:
+            cells = []
+            for s in sigmas:
+                c = stats.cell_summary(rows, key, s, steps)
+                fmt = ".3f" if key in SHARES else ".3g"
+                cells.append("–" if c["n"] == 0 else f"{c['mean']:{fmt}} ± {c['sd']:.2g}")
+            lines.append(f"| {label} ({better}) | {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def findings(results: dict, stats: dict) -> list[str]:
-    """One line per (metric, sigma) whose paired difference from sigma = 0 has p < 0.05."""
+def comparisons_table(comparisons: list[dict], keys=HEADLINE) -> str:
+    lines = ["| metric | σ | steps | n | Δ vs σ=0 [95 % CI] | d_z | p | p (Holm) |", "|" + "---|" * 8]
+    for c in comparisons:
+        if c["metric"] not in keys:
+            continue
+        fmt = "+.3f" if c["metric"] in SHARES else "+.2e"  # losses and sharpness are small numbers
+        lines.append(f"| {c['metric']} | {c['sigma']:g} | {c['steps']} | {c['n']} | {c['diff']:{fmt}} "
+                     f"[{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}] | {c['dz']:.2f} | {_p(c['p'])} "
+                     f"| {_p(c['p_holm'])} |")
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.3f}"
+
+
+def findings(results: dict, comparisons: list[dict]) -> list[str]:
+    better = {key: b for key, _, b in metric_rows(results)}
     lines = []
-    for key, label, better in metric_rows(results):
-        ref = stats[key]["0"]["mean"]
-        for sigma in results["sigmas"][1:]:
-            s = stats[key][f"{sigma:g}"]
-            if not math.isnan(s["p"]) and s["p"] < 0.05:
-                good = (s["mean"] > ref) == (better == "higher")
-                lines.append(f"- σ={sigma:g}: {label}: {ref:.3f} → {s['mean']:.3f} "
-                             f"({'better' if good else 'worse'}, p={s['p']:.3f})")
-    return lines or ["- no difference from plain LoRA reaches p < 0.05 on any metric."]
+    for c in comparisons:
+        if not math.isnan(c["p_holm"]) and c["p_holm"] < 0.05:
+            good = (c["diff"] > 0) == (better[c["metric"]] == "higher")
+            lines.append(f"- σ={c['sigma']:g}, {c['steps']} steps: {c['metric']} {c['diff']:+.3f} "
+                         f"({'better' if good else 'worse'}; p={c['p']:.4f}, Holm {c['p_holm']:.3f})")
+    return lines or [f"- none of the {len(comparisons)} comparisons with plain LoRA reaches Holm-corrected p < 0.05."]
 
 
 # ---------------------------------------------------------------- figures
 
-def plot_metrics(results: dict, path: Path) -> None:
-    """Each generation metric against sigma: seeds as dots, mean ± sd as a line."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [m for m in METRICS if m[0] != "loss"]
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5))
-    sigmas = results["sigmas"]
+    return plt
+
+
+def curve_mean(rows: list[dict], key: str, sigma: float, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    cells = [stats.cell_summary(rows, key, sigma, steps) for steps in lengths]
+    return np.asarray([c["mean"] for c in cells]), np.asarray([c["sd"] / math.sqrt(max(c["n"], 1)) for c in cells])
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Each metric against training steps (log axis), one line per sigma: mean ± standard error over seeds."""
+    plt = _pyplot()
+    keys = metric_rows(results)
+    columns = 4
+    fig, axes = plt.subplots(-(-len(keys) // columns), columns, figsize=(15, 3.3 * -(-len(keys) // columns)),
+                             squeeze=False)
     for ax, (key, label, better) in zip(axes.ravel(), keys):
-        data = [values(results, key, s) for s in sigmas]
-        for s, x in zip(sigmas, data):
-            ax.scatter([s] * len(x), x, s=12, alpha=0.5, color="tab:blue")
-        ax.errorbar(sigmas, [x.mean() for x in data], yerr=[x.std(ddof=1) if len(x) > 1 else 0 for x in data],
-                    color="black", capsize=3, marker="o")
-        ax.axhline(results["base"][key], color="tab:gray", linestyle=":", label="base model")
+        for sigma in results["sigmas"]:
+            mean, se = curve_mean(results["rows"], key, sigma, results["lengths"])
+            ax.errorbar(results["lengths"], mean, yerr=se, marker="o", capsize=2, label=_sigma_label(sigma))
+        if key in results.get("base", {}):
+            ax.axhline(results["base"][key], color="gray", linestyle=":", label="base model")
+        ax.set_xscale("log")
+        ax.set_xticks(results["lengths"], [str(n) for n in results["lengths"]])
+        ax.minorticks_off()
         ax.set_title(f"{label}\n({better} is better)", fontsize=8)
-        ax.set_xlabel("flat_sigma")
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("training steps")
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
     axes.ravel()[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90, format="png")
+    fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
 
 
-def plot_sharpness(results: dict, path: Path) -> None:
-    """Expected loss increase against the perturbation radius rho, one line per sigma (mean ± sd)."""
-    import matplotlib
+TRADEOFFS = (("adherence", "prompt adherence (asked colour and background)"),
+             ("prior", "prior preservation (no trigger: right, no style)"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rhos = results["protocol"]["rhos"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for sigma in results["sigmas"]:
-        data = [values(results, f"sharpness_{rho:g}", sigma) for rho in rhos]
-        ax.errorbar(rhos, [x.mean() for x in data], yerr=[x.std(ddof=1) if len(x) > 1 else 0 for x in data],
-                    marker="o", capsize=3, label="LoRA" if sigma == 0 else f"Flat-LoRA σ={sigma:g}")
-    ax.set_xlabel("rho (filter-wise noise radius)")
-    ax.set_ylabel("E[L(W'+eps)] - L(W')  (instance images)")
-    ax.set_title("full-space sharpness (lower = flatter)", fontsize=9)
-    ax.legend(fontsize=8)
+def plot_tradeoff(results: dict, path: Path, x_key: str = "fidelity_out") -> None:
+    """Adherence and prior preservation against out-of-domain fidelity, one line per sigma through its lengths.
+
+    A curve above plain LoRA's gives more of the other good at equal fidelity; one that only lags
+    along the same curve is merely training slower.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TRADEOFFS), figsize=(11, 4.5))
+    for ax, (y_key, y_label) in zip(axes, TRADEOFFS):
+        for sigma in results["sigmas"]:
+            x, _ = curve_mean(results["rows"], x_key, sigma, results["lengths"])
+            y, _ = curve_mean(results["rows"], y_key, sigma, results["lengths"])
+            ax.plot(x, y, marker="o", label=_sigma_label(sigma))
+            for xi, yi, steps in zip(x, y, results["lengths"]):
+                ax.annotate(str(steps), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("out-of-domain fidelity (style shown; labels: steps)")
+        ax.set_ylabel(y_label)
+        ax.set_title(f"{y_key} vs fidelity along training (mean over seeds)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
 
 
-def plot_samples(samples: dict, prompts: list[str], path: Path, columns: int = 6) -> None:
-    """Rows: base model, then each sigma (seed 0); columns: the first held-out prompts, same seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_samples(samples: dict[str, np.ndarray], prompts: list[str], path: Path, columns: int = 8) -> None:
+    """Rows: base model, then (sigma, steps) of seed 0 (shortest, middle, longest); columns: held-out prompts."""
+    plt = _pyplot()
     rows = list(samples)
     columns = min(columns, len(prompts))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns + 0.8, 1.7 * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns + 1.2, 1.35 * len(rows) + 0.5), squeeze=False)
     for r, name in enumerate(rows):
         for c in range(columns):
             ax = axes[r, c]
             ax.imshow(samples[name][c], interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
-                ax.set_title(prompts[c].replace(" on a ", "\non a "), fontsize=7)
+                ax.set_title(prompts[c].replace(" on a ", "\non a ").replace(" background ", " bg\n"), fontsize=5)
             if c == 0:
-                ax.set_ylabel("base" if name == "base" else ("LoRA σ=0" if name == "0" else f"σ={name}"), fontsize=8)
+                ax.set_ylabel(name, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- the markdown document
+# ---------------------------------------------------------------- the files
 
-PROTOCOL = """\
-## Protocol
+def render_markdown(results: dict, comparisons: list[dict]) -> str:
+    run = results["run"]
+    quick = "\n> **Quick (CI) run: a handful of steps and prompts; these numbers mean nothing.**\n" if results.get(
+        "quick") else ""
+    return f"""# Sweep report: {run['task']} task, Flat-LoRA against plain LoRA along training
+{quick}
+Written by `python -m flatlora_diffusion.evaluation.dreambooth` from `results.json` (raw rows).
+Model `{run['model']}`; recipe: {run['recipe_text']}. Sigmas {', '.join(f'{s:g}' for s in results['sigmas'])};
+seeds {', '.join(map(str, results['seeds']))}; {results['minutes']:.1f} min on {run['threads']} thread(s) per
+process, torch {run['torch']}. Prompts per point: {run['sizes']['prompts_in']} in-domain,
+{run['sizes']['prompts_out']} held-out, {run['sizes']['prompts_prior']} without the trigger;
+Euler {run['sizes']['inference_steps']} steps, guidance 4, generator seed = run seed.
 
-- **World and model.** The embedded tiny SDXL pretrained on the procedural shapes world
-  (`flatlora_diffusion/assets/tiny-sdxl-world`), which never saw a star.
-- **Subject.** A *star* (a shape absent from pretraining), always **yellow on purple**, bound to
-  the rare token `sks`. {instance_count} instance images (64 px, varied size and position), instance prompt
-  `{instance_prompt}`.
-- **Training recipe** (identical for every run; only `--flat_sigma` changes): {steps} steps, batch {batch},
-  AdamW, constant LR {lr:g} for the UNet and both text encoders (`--train_text_encoder`), LoRA rank {rank},
-  alpha {rank}, Min-SNR 5 and noise offset 0.1 (as in pretraining), no prior preservation, cosine
-  Flat-LoRA schedule. Chosen by a pilot: with UNet-only LoRA the token never turned into a star
-  (0/15 held-out prompts at 400 steps, lr 1e-3 or 3e-3; lr 1e-2 destroyed the colours), while with
-  the text encoders trained the instance prompt gives the star and some held-out prompts do, so
-  plain LoRA learns the subject within the budget and there is room to generalise better. Prior
-  preservation was left off so that drift of the prior is visible as a metric rather than trained away.
-- **Held-out prompts** ({held_out}): `a {{colour}} sks on a {{background}} background` with colour ≠ yellow
-  and background ≠ purple; **class prompts** ({prior}): pretraining captions without the token, e.g.
-  `{prior_example}`; **instance prompt** ({instance}× generated). Euler, {inference_steps} steps, guidance 4,
-  generator seed = run seed.
-- **Metrics from the world's ground truth** (`world_metrics.measure`: palette colours + shape classifier,
-  100 % accurate on procedural images, star included — see tests/test_world_eval.py):
-  subject fidelity = held-out images classified as a star; prompt fidelity = measured shape colour and
-  background both equal the prompt's; overfitting = shape colour yellow or background purple when not asked;
-  prior preservation = class prompts with colour, shape and background all right; class prompts drawn
-  as a star; instance fidelity = instance prompt drawn as a star.
-- **Sharpness in the full weight space.** On the {instance_count} instance images × timesteps
-  {timesteps}, fixed noise, unweighted epsilon MSE with the instance prompt: `L(W')`, and the mean of
-  `L(W' + eps) - L(W')` over {draws} draws, eps filter-wise exactly as Flat-LoRA's (std
-  `rho·||W'_i||/sqrt(n)` per output row, on every LoRA-targeted Linear of the UNet and both text
-  encoders, via `FlatLora(..., schedule="constant")`), for rho in {rhos}.
-- **Statistics.** {seeds} seeds per sigma (seed = data order, diffusion noise, Flat-LoRA noise and
-  generation seed). Mean ± sd over seeds; p = paired t-test by seed of each sigma against σ = 0
-  (`scipy.stats.ttest_rel`), `*` = p < 0.05, no multiple-test correction ({tests} tests in the table).
+## Paired comparisons with plain LoRA (same seed, same steps)
+
+Holm-corrected over all {len(comparisons)} comparisons (every metric × σ × length):
+
+{chr(10).join(findings(results, comparisons))}
+
+{comparisons_table(comparisons)}
+
+## Means over seeds
+
+{means_table(results)}
+
+![curves](curves.png)
+
+![trade-off](tradeoff.png)
+
+![samples](samples.png)
 """
 
 
-def render_markdown(results: dict, stats: dict, quick: bool) -> str:
-    p = results["protocol"]
-    n_tests = len(metric_rows(results)) * (len(results["sigmas"]) - 1)
-    protocol = PROTOCOL.format(
-        instance_count=5, instance_prompt="a yellow sks on a purple background", steps=p["steps"], batch=p["batch"],
-        lr=p["learning_rate"], rank=p["rank"], held_out=p["held_out_prompts"], prior=p["prior_prompts"],
-        prior_example=results["prompts"]["prior"][0], instance=p["instance_prompts"],
-        inference_steps=p["inference_steps"], timesteps="(100, 300, 500, 700, 900)", draws=p["draws"],
-        rhos="{" + ", ".join(f"{r:g}" for r in p["rhos"]) + "}", seeds=len(results["seeds"]), tests=n_tests)
-    stats_table = markdown_table(results, stats)
-    warning = "\n> **Quick (CI) run: a handful of steps and prompts; these numbers mean nothing.**\n" if quick else ""
-    return f"""# DreamBooth evaluation: does Flat-LoRA generalise better?
-{warning}
-Reproduce with `make eval` (`python -m flatlora_diffusion.evaluation.dreambooth`); this run took
-{results['minutes']:.1f} min on {results['threads']} CPU thread(s), torch {results['torch']}. Raw numbers:
-`eval_results.json`.
-
-{protocol}
-## Results
-
-{stats_table}
-
-Significant differences from plain LoRA (paired p < 0.05, uncorrected):
-
-{chr(10).join(findings(results, stats))}
-
-![metrics against sigma](eval_metrics.png)
-
-![sharpness against rho](eval_sharpness.png)
-
-Samples (seed 0 runs; every row uses the same generation seed and prompts; held-out colours):
-
-![samples](eval_samples.png)
-"""
+def write_results(results: dict, out: Path) -> list[dict]:
+    """results.json (raw rows, the run's description and every comparison), atomically; returns the comparisons."""
+    keys = [key for key, _, _ in metric_rows(results)]
+    comparisons = stats.compare_all(results["rows"], keys, results["sigmas"], results["lengths"])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with atomic_file(Path(out) / "results.json") as tmp:
+        tmp.write_text(json.dumps({**results, "comparisons": comparisons}, indent=1, allow_nan=True))
+    return comparisons
 
 
 def write_report(results: dict, samples: dict, out: Path) -> Path:
-    """Write EVALUATION.md, eval_results.json and the three PNGs into `out`, each atomically."""
+    """Write REPORT.md, results.json, curves.png, tradeoff.png and samples.png into `out`, each atomically."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stats = summary(results)
-    for name, plot in (("eval_metrics.png", lambda p: plot_metrics(results, p)),
-                       ("eval_sharpness.png", lambda p: plot_sharpness(results, p)),
-                       ("eval_samples.png", lambda p: plot_samples(samples, results["prompts"]["held_out"], p))):
+    comparisons = write_results(results, out)
+    for name, plot in (("curves.png", plot_curves), ("tradeoff.png", plot_tradeoff)):
         with atomic_file(out / name) as tmp:
-            plot(tmp)
-    with atomic_file(out / "eval_results.json") as tmp:
-        tmp.write_text(json.dumps({**results, "summary": stats}, indent=1, allow_nan=True))
-    return write_markdown(results, out)
-
-
-def write_markdown(results: dict, out: Path) -> Path:
-    """(Re)write EVALUATION.md from raw results, e.g. those of eval_results.json, without rerunning."""
-    results = {key: value for key, value in results.items() if key != "summary"}
-    with atomic_file(Path(out) / "EVALUATION.md") as tmp:
-        tmp.write_text(render_markdown(results, summary(results), results["protocol"]["steps"] < 50))
-    return Path(out) / "EVALUATION.md"
+            plot(results, tmp)
+    if samples:
+        lengths = results["lengths"]
+        shown = {f" {n} st" for n in (lengths[0], lengths[len(lengths) // 2], lengths[-1])}  # keep the image readable
+        rows = {name: images for name, images in samples.items()
+                if name == "base model" or any(name.endswith(tail) for tail in shown)}
+        with atomic_file(out / "samples.png") as tmp:
+            plot_samples(rows, results["prompts_out"], tmp)
+    with atomic_file(out / "REPORT.md") as tmp:
+        tmp.write_text(render_markdown(results, comparisons))
+    return out / "REPORT.md"

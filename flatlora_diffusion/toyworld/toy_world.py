@@ -198,30 +198,34 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def coverage(scene: Scene) -> np.ndarray:
-    """Fraction of each output pixel covered by the shape, float32 [64, 64] in [0, 1]."""
+def coverage(scene: Scene, inside=None) -> np.ndarray:
+    """Fraction of each output pixel covered by the shape, float32 [64, 64] in [0, 1].
+
+    `inside(shape, x, y)` (default `_inside`) says which sample points are covered, in units of the
+    half-width with y down; a style draws another figure in the same frame through it.
+    """
     r = scene.half_width
     x0, x1 = max(0, int(np.floor(scene.cx - r)) - 1), min(IMAGE_SIZE, int(np.ceil(scene.cx + r)) + 1)
     y0, y1 = max(0, int(np.floor(scene.cy - r)) - 1), min(IMAGE_SIZE, int(np.ceil(scene.cy + r)) + 1)
     sub = (np.arange((x1 - x0) * SUPERSAMPLE) + 0.5) / SUPERSAMPLE + x0  # sample-point centres
     suby = (np.arange((y1 - y0) * SUPERSAMPLE) + 0.5) / SUPERSAMPLE + y0
-    mask = _inside(scene.shape, ((sub - scene.cx) / r)[None, :], ((suby - scene.cy) / r)[:, None])
+    mask = (inside or _inside)(scene.shape, ((sub - scene.cx) / r)[None, :], ((suby - scene.cy) / r)[:, None])
     window = mask.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
     out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
     out[y0:y1, x0:x1] = window
     return out
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The image of `scene` as uint8 [64, 64, 3]."""
-    alpha = coverage(scene)[..., None]
+def render(scene: Scene, inside=None) -> np.ndarray:
+    """The image of `scene` as uint8 [64, 64, 3] (`inside`: as in `coverage`)."""
+    alpha = coverage(scene, inside)[..., None]
     fg = np.asarray(PALETTE[scene.colour], np.float32)
     bg = np.asarray(PALETTE[scene.background], np.float32)
     return np.rint(bg + (fg - bg) * alpha).astype(np.uint8)
 
 
-def render_many(scenes: list[Scene]) -> np.ndarray:
+def render_many(scenes: list[Scene], inside=None) -> np.ndarray:
     out = np.empty((len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for i, scene in enumerate(scenes):
-        out[i] = render(scene)
+        out[i] = render(scene, inside)
     return out
