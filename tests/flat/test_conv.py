@@ -12,7 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from flatlora_diffusion import FlatLora
 from flatlora_diffusion.flat.flat_lora import find_lora_layers, layer_seed
 from flatlora_diffusion.flat.gaussian import perturbed_weight
-from flatlora_diffusion.flat.noisy_linear import layer_noise
+from flatlora_diffusion.flat.noisy_ops import layer_noise
 from flatlora_diffusion.lora.attach import lora_parameters
 from tests.flat.test_flat_lora import grads_of
 

@@ -10,7 +10,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from flatlora_diffusion import FlatLora
 from flatlora_diffusion.flat.flat_lora import find_lora_layers, layer_seed
-from flatlora_diffusion.flat.noisy_linear import layer_noise
+from flatlora_diffusion.flat.noisy_ops import layer_noise
 from flatlora_diffusion.lora.attach import freeze_lora_after_hidden_state
 from tests.helpers import add_test_loras, text_inputs
 

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from flatlora_diffusion import FlatLora, FlatLoraError, sigma_at
 from flatlora_diffusion.flat.flat_lora import find_lora_layers, layer_seed
-from flatlora_diffusion.flat.noisy_linear import layer_noise
+from flatlora_diffusion.flat.noisy_ops import layer_noise
 from flatlora_diffusion.lora.attach import lora_parameters
 from tests.helpers import add_test_loras, text_inputs, text_loss, unet_inputs, unet_loss
 
