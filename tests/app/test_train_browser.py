@@ -12,6 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from app.callbacks import Studio
 from tests.app.test_app import launched
 from tests.app.test_app_browser import _require_browser, browser_page
@@ -22,6 +24,9 @@ PROMPT = "a sks cat on a red sofa"
 STEPS = 80  # long enough to be stopped part-way at ~0.2 s a step
 
 
+# One rerun: on a loaded 2-core machine the freshly mounted upload box has been seen to miss the file
+# once in several CI runs (the assertion message shows what the page said); a second failure is real.
+@pytest.mark.flaky(reruns=1)
 def test_train_stop_resume_finish_and_preview_in_the_browser(default_model_dir, tmp_path):
     _require_browser()
     root = tmp_path / "runs"
@@ -88,8 +93,14 @@ def _preview(page) -> None:
 
 def _wait_text(page, selector: str, pattern: str) -> None:
     """Wait until the element's text matches `pattern` (the live view refreshes every 2 s)."""
-    page.wait_for_function("([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText ?? '')",
-                           arg=[selector, pattern], polling=200)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText ?? '')",
+                               arg=[selector, pattern], polling=200)
+    except PlaywrightTimeout:  # say what the page showed instead, so a failure can be read
+        raise AssertionError(f"{selector} never matched {pattern!r}; it shows: "
+                             f"{page.locator(selector).inner_text()!r}") from None
     assert re.search(pattern, page.locator(selector).inner_text())
 
 
