@@ -185,5 +185,22 @@ def run_curve(model_dir: Path, data_dir: Path, work: Path, task, recipe: Recipe,
 
 def describe_run(task, recipe: Recipe, sizes: Sizes, model_dir: Path) -> dict:
     return {"task": task.name, "model": str(model_dir), "recipe": asdict(recipe), "sizes": asdict(sizes),
-            "recipe_text": recipe.describe(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "recipe_text": recipe.describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "commit": code_commit()}
+
+
+def code_commit() -> str:
+    """The git commit of the code that ran (with "+changes" when its checkout was edited), or "unknown"."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 

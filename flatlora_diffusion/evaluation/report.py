@@ -186,8 +186,9 @@ def render_markdown(results: dict, comparisons: list[dict]) -> str:
 Written by `python -m flatlora_diffusion.evaluation.dreambooth` from `results.json` (raw rows).
 Model `{run['model']}`; recipe: {run['recipe_text']}. Sigmas {', '.join(f'{s:g}' for s in results['sigmas'])};
 seeds {', '.join(map(str, results['seeds']))}; {results['minutes']:.1f} min on {run['threads']} thread(s) per
-process, torch {run['torch']}. Prompts per point: {run['sizes']['prompts_in']} in-domain,
-{run['sizes']['prompts_out']} held-out, {run['sizes']['prompts_prior']} without the trigger;
+process, torch {run['torch']}, code at commit `{run.get('commit', 'unknown')}`.
+Prompts per point: {run['sizes']['prompts_in']} in-domain, {run['sizes']['prompts_out']} held-out,
+{run['sizes']['prompts_prior']} without the trigger;
 Euler {run['sizes']['inference_steps']} steps, guidance 4, generator seed = run seed.
 
 ## Paired comparisons with plain LoRA (same seed, same steps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -53,6 +54,7 @@ def test_quick_protocol_end_to_end(default_model_dir, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert [(r["sigma"], r["steps"]) for r in results["rows"]] == [(0.0, 2), (0.0, 4), (0.1, 2), (0.1, 4)]
     assert all(0.0 <= r[k] <= 1.0 for r in results["rows"] for k in tasks.METRICS)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?|unknown", results["run"]["commit"])  # which code made them
     assert {c["metric"] for c in results["comparisons"]} >= {"fidelity_out", "adherence", "sharpness_0.1"}
     text = (out / "REPORT.md").read_text()
     assert "Quick (CI) run" in text and "Holm" in text
