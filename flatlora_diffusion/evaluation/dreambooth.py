@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per sigma")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS))
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="training steps evaluated")
+    parser.add_argument("--flat_schedule", choices=("constant", "cosine"), default="constant",
+                        help="Flat-LoRA sigma schedule: constant (one resumed run per curve) or the paper's cosine "
+                             "ramp (one run per length for sigma > 0)")
     parser.add_argument("--jobs", type=int, default=1, help="curves trained in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=Path("docs/eval"))
@@ -70,6 +73,7 @@ def plan(args) -> tuple[protocol.Recipe, protocol.Sizes]:
     recipe = protocol.QUICK_RECIPE if args.quick else protocol.RECIPES[args.task]
     if args.lengths:
         recipe = replace(recipe, lengths=tuple(args.lengths))
+    recipe = replace(recipe, flat_schedule=args.flat_schedule)
     return recipe, (protocol.QUICK_SIZES if args.quick else protocol.Sizes())
 
 
@@ -147,6 +151,9 @@ def previous_sweep(args, recipe: protocol.Recipe) -> tuple[dict, dict]:
     if not found.is_file() or not (args.work / "samples.npz").is_file():
         _refuse(f"--extend needs {found} and {args.work / 'samples.npz'} of a finished sweep")
     results = {k: v for k, v in json.loads(found.read_text()).items() if k != "comparisons"}
+    schedule = results["run"]["recipe"].get("flat_schedule", "constant")
+    if schedule != recipe.flat_schedule:
+        _refuse(f"--extend: the sweep in {args.out} used --flat_schedule {schedule}, not {recipe.flat_schedule}")
     if not set(results["lengths"]) < set(recipe.lengths):
         _refuse(f"--extend: --lengths must add lengths to the sweep's {results['lengths']}")
     return results, dict(np.load(args.work / "samples.npz"))

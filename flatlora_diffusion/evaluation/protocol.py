@@ -1,12 +1,12 @@
 """One curve of the benchmark: train a LoRA through several lengths, evaluate it at each.
 
 A (task, sigma, seed) run trains with the project's own training script to the first length, saves
-the LoRA, then resumes to the next length, and so on. The recipe keeps the learning rate and the
-Flat-LoRA sigma constant (`--lr_scheduler constant --flat_schedule constant`), and a resume is
+the LoRA, then resumes to the next length, and so on. The default recipe keeps the learning rate and
+the Flat-LoRA sigma constant (`--lr_scheduler constant --flat_schedule constant`), and a resume is
 bit-exact, so the LoRA at each length *is* the LoRA a run of that length gives: one run per curve,
-not one per point. (The paper's cosine sigma schedule depends on the run's length, so a curve of it
-would need a run per point: 1.9x the cost for four doubling lengths.)
-"""
+not one per point. The paper's cosine sigma ramp depends on the run's length, so with
+`flat_schedule="cosine"` every length of a sigma > 0 curve is its own run from scratch (sigma 0 is
+plain LoRA whatever the schedule, and stays one resumed run)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ class Recipe:
     train_text_encoder: bool = True
     snr_gamma: float = 5.0  # the world model was pretrained with Min-SNR 5 and noise offset 0.1
     noise_offset: float = 0.1
+    flat_schedule: str = "constant"  # or "cosine", the paper's ramp (one run per length)
 
     def __post_init__(self):
+        if self.flat_schedule not in ("constant", "cosine"):
+            raise ValueError(f"Recipe.flat_schedule must be constant or cosine, got {self.flat_schedule!r}")
         if not self.lengths or list(self.lengths) != sorted(set(self.lengths)) or self.lengths[0] < 1:
             raise ValueError(f"Recipe.lengths must be increasing positive step counts, got {self.lengths}")
         for name in ("learning_rate", "text_encoder_lr", "alpha"):
@@ -56,7 +59,16 @@ class Recipe:
         encoders = f", text encoders at lr {self.text_encoder_lr:g}" if self.train_text_encoder else ", UNet only"
         return (f"LoRA rank {self.rank} alpha {self.alpha:g}, AdamW lr {self.learning_rate:g} constant{encoders}, "
                 f"batch {self.batch}, Min-SNR {self.snr_gamma:g}, noise offset {self.noise_offset:g}, "
-                f"constant Flat-LoRA sigma; lengths {', '.join(map(str, self.lengths))} steps")
+                f"{self.schedule_text()}; lengths {', '.join(map(str, self.lengths))} steps")
+
+    def schedule_text(self) -> str:
+        if self.flat_schedule == "cosine":
+            return "cosine Flat-LoRA sigma ramp (the paper's; one run per length)"
+        return "constant Flat-LoRA sigma"
+
+    def resumes(self, sigma: float) -> bool:
+        """Whether a curve is one run resumed from length to length (else one run per length)."""
+        return self.flat_schedule == "constant" or sigma == 0
 
 
 @dataclass(frozen=True)
@@ -89,19 +101,20 @@ QUICK_SIZES = Sizes(prompts_in=2, prompts_out=2, prompts_prior=2, inference_step
 def training_args(model_dir: Path, data_dir: Path, out: Path, recipe: Recipe, sigma: float, seed: int,
                   steps: int, instance_prompt: str) -> list[str]:
     """Flags of train_dreambooth_flat.py for one stage of a curve (resuming from the previous one)."""
-    every = reduce(math.gcd, recipe.lengths)
+    resume = recipe.resumes(sigma)
+    every = reduce(math.gcd, recipe.lengths) if resume else steps
     args = ["--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(data_dir),
             "--instance_prompt", instance_prompt, "--resolution", "64", "--output_dir", str(out),
             "--max_train_steps", str(steps), "--train_batch_size", str(recipe.batch),
             "--rank", str(recipe.rank), "--lora_alpha", str(recipe.alpha),
             "--learning_rate", str(recipe.learning_rate), "--lr_scheduler", "constant",
             "--snr_gamma", str(recipe.snr_gamma), "--noise_offset", str(recipe.noise_offset),
-            "--flat_sigma", str(sigma), "--flat_schedule", "constant", "--seed", str(seed),
+            "--flat_sigma", str(sigma), "--flat_schedule", recipe.flat_schedule, "--seed", str(seed),
             "--checkpointing_steps", str(every), "--checkpoints_total_limit", "1",
             "--validation_inference_steps", "2", "--num_validation_images", "1"]
     if recipe.train_text_encoder:
         args += ["--train_text_encoder", "--text_encoder_lr", str(recipe.text_encoder_lr)]
-    if steps != recipe.lengths[0]:
+    if resume and steps != recipe.lengths[0]:
         args += ["--resume_from_checkpoint", "latest"]
     return args
 
@@ -169,6 +182,8 @@ def run_curve(model_dir: Path, data_dir: Path, work: Path, task, recipe: Recipe,
     instance_prompt = task.training_images()[1][0]
     rows, trained_s = [], 0.0
     for steps in (n for n in recipe.lengths if n not in done):
+        if not recipe.resumes(sigma) and out.exists():
+            shutil.rmtree(out)  # a run of its own length, from scratch
         t0 = time.time()
         lora = train_stage(training_args(model_dir, data_dir, out, recipe, sigma, seed, steps, instance_prompt),
                            out, steps)

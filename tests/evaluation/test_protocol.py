@@ -32,6 +32,45 @@ def test_each_length_of_a_curve_is_the_run_of_that_length(default_model_dir, tmp
     assert not all(torch.equal(a[k], c[k]) for k in c)  # and the stages differ
 
 
+def test_cosine_curves_train_each_length_from_scratch(default_model_dir, tmp_path, monkeypatch):
+    cosine = protocol.Recipe(lengths=(2, 4), rank=2, alpha=3.0, learning_rate=3e-3, text_encoder_lr=1e-3,
+                             flat_schedule="cosine")
+    data = tasks.write_training_folder(tasks.StyleTask(), tmp_path / "data")
+    seen = []
+
+    def fake_stage(args, out, steps):  # record what each stage was asked, and what it found in its folder
+        seen.append((steps, args, sorted(p.name for p in out.glob("*")) if out.exists() else []))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"stage{steps}.marker").touch()
+        return out / f"stage{steps}.marker"
+
+    monkeypatch.setattr(protocol, "train_stage", fake_stage)
+    monkeypatch.setattr(protocol, "evaluate", lambda *a, **k: ({"fidelity_out": 0.0}, {}))
+    for sigma, resumed in ((0.1, False), (0.0, True)):  # sigma 0 is plain LoRA whatever the schedule
+        seen.clear()
+        protocol.run_curve(default_model_dir, data, tmp_path / "work", tasks.StyleTask(), cosine, protocol.QUICK_SIZES,
+                           sigma, 0, classifier=None)
+        (_, first, _), (_, second, found) = seen
+        assert first[first.index("--flat_schedule") + 1] == "cosine"
+        assert ("--resume_from_checkpoint" in second) == resumed
+        assert ("stage2.marker" in found) == resumed  # a run of its own length starts in an empty folder
+        assert second[second.index("--checkpointing_steps") + 1] == ("2" if resumed else "4")
+    assert "cosine Flat-LoRA sigma ramp" in cosine.describe()
+    with pytest.raises(ValueError, match="flat_schedule"):
+        protocol.Recipe(flat_schedule="linear")
+
+
+def test_the_cosine_schedule_reaches_the_trainer(default_model_dir, tmp_path):
+    data = tasks.write_training_folder(tasks.StyleTask(), tmp_path / "data")
+    files = {}
+    for schedule in ("constant", "cosine"):
+        recipe = protocol.Recipe(lengths=(3,), rank=2, alpha=3.0, learning_rate=3e-3, text_encoder_lr=1e-3,
+                                 flat_schedule=schedule)
+        files[schedule] = load_file(protocol.train_stage(_args(default_model_dir, data, tmp_path / schedule, 3, recipe),
+                                                         tmp_path / schedule, 3))
+    assert not all(torch.equal(files["constant"][k], files["cosine"][k]) for k in files["cosine"])
+
+
 def test_recipe_and_sizes_refuse_nonsense():
     with pytest.raises(ValueError, match="lengths"):
         protocol.Recipe(lengths=(200, 100))
@@ -70,6 +109,9 @@ def test_quick_protocol_end_to_end(default_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         dreambooth.main(common + ["--extend", "--lengths", "2", "4", "6"])  # nothing left to add
     assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop:  # a constant-sigma sweep is not extended with cosine runs
+        dreambooth.main(common + ["--extend", "--lengths", "2", "4", "6", "8", "--flat_schedule", "cosine"])
+    assert stop.value.code == 2 and "--flat_schedule constant" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_missing_model_and_no_reference(tmp_path, capsys):
