@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=sorted(tasks.TASKS), default="style")
     parser.add_argument("--recipes", nargs="+", default=list(PILOT_RECIPES), choices=list(PILOT_RECIPES))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="override every recipe's lengths")
     parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR)
     parser.add_argument("--work", type=Path, default=Path("outputs/pilot"))
     parser.add_argument("--out", type=Path, default=Path("docs/pilot_results.json"))
@@ -89,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     task = tasks.get_task(args.task)
     started = time.time()
-    rows = run_pilot(args.model, args.work, task, {n: PILOT_RECIPES[n] for n in args.recipes},
+    recipes = {n: PILOT_RECIPES[n] for n in args.recipes}
+    if args.lengths:
+        try:
+            recipes = {n: replace(r, lengths=tuple(args.lengths)) for n, r in recipes.items()}
+        except ValueError as err:
+            parser.error(str(err))
+    rows = run_pilot(args.model, args.work, task, recipes,
                      list(range(args.seeds)), protocol.Sizes(), progress=lambda s: print(s, flush=True))
     previous = json.loads(args.out.read_text()) if args.out.is_file() else []
     kept = [r for r in previous if not (r["task"] == task.name and r["recipe"] in args.recipes)]

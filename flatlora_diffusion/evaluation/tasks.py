@@ -18,6 +18,10 @@ Prompts without the trigger leave out the ring, which is a hollow circle.
 
 **subject**: a star (a shape never drawn in pretraining), yellow on purple in its 5 instance images,
 bound to "sks"; in domain = the instance prompt, out of domain = other colours and backgrounds.
+
+**subject_contexts**: the same yellow star photographed, as DreamBooth guides ask, in several
+contexts: 12 instance images on purple, white and blue backgrounds (4 each); in domain = those
+prompts, out of domain = other star colours on backgrounds outside the three.
 """
 
 from __future__ import annotations
@@ -130,6 +134,10 @@ class SubjectTask:
         colour, _, background = combo
         return f"a {colour} {TOKEN} on a {background} background"
 
+    def is_training_context(self, m: Measurement) -> bool:
+        """The measured image shows the instance images' colour or background (a leak when not asked)."""
+        return m.colour == self.colour or m.background == self.background
+
     def training_scenes(self) -> list[toy_world.Scene]:
         return toy_world.sample_scenes(self.data_seed, self.instance_count,
                                        [(self.colour, self.subject_shape, self.background)])
@@ -152,7 +160,7 @@ class SubjectTask:
         measured = {name: measure(images[name], classifier) for name in ("in", "out", "prior")}
         has = [m.shape == self.subject_shape for m in measured["out"]]
         asked = [_content_right(m, p.combo, shape_counts=False) for m, p in zip(measured["out"], sets["out"])]
-        leak = [m.colour == self.colour or m.background == self.background for m in measured["out"]]
+        leak = [self.is_training_context(m) for m in measured["out"]]
         prior_star = [m.shape == self.subject_shape for m in measured["prior"]]
         return {"fidelity_in": _mean(m.shape == self.subject_shape for m in measured["in"]),
                 "fidelity_out": _mean(has), "adherence": _mean(asked),
@@ -161,7 +169,34 @@ class SubjectTask:
                 "prior_leak": _mean(prior_star)}
 
 
-TASKS = {"style": StyleTask, "subject": SubjectTask}
+class SubjectInContextsTask(SubjectTask):
+    name = "subject_contexts"
+    backgrounds = ("purple", "white", "blue")
+    images_per_background = 4
+
+    def instance_combos(self) -> list[toy_world.Combo]:
+        return [(self.colour, self.subject_shape, b) for b in self.backgrounds]
+
+    def training_scenes(self) -> list[toy_world.Scene]:
+        rng = np.random.default_rng(self.data_seed)
+        return [toy_world.sample_scene(rng, [combo]) for combo in self.instance_combos()
+                for _ in range(self.images_per_background)]
+
+    def out_combos(self) -> list[toy_world.Combo]:
+        return [(c, self.subject_shape, b) for c in toy_world.COLOURS for b in toy_world.COLOURS
+                if c != b and c != self.colour and b not in self.backgrounds]
+
+    def prompt_sets(self, n_in: int, n_out: int, n_prior: int) -> dict[str, list[Prompted]]:
+        sets = super().prompt_sets(n_in, n_out, n_prior)
+        combos = self.instance_combos()
+        sets["in"] = [Prompted(self.prompt(combos[i % len(combos)]), combos[i % len(combos)]) for i in range(n_in)]
+        return sets
+
+    def is_training_context(self, m: Measurement) -> bool:
+        return m.colour == self.colour or m.background in self.backgrounds
+
+
+TASKS = {"style": StyleTask, "subject": SubjectTask, "subject_contexts": SubjectInContextsTask}
 
 
 def get_task(name: str):

@@ -147,3 +147,9 @@ def test_a_failed_curve_in_a_pool_is_reported_not_fatal(tmp_path):
            protocol.QUICK_SIZES, 0.0, 0, ())
     [(returned, rows, samples, error)] = list(dreambooth.curves([job], processes=2, threads=1))
     assert returned == job and rows == [] and samples == {} and error
+
+
+def test_pilot_refuses_lengths_that_do_not_increase(capsys):
+    with pytest.raises(SystemExit) as stop:
+        pilot.main(["--lengths", "200", "100"])
+    assert stop.value.code == 2 and "lengths must be increasing" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 from flatlora_diffusion.evaluation import tasks
 from flatlora_diffusion.toyworld import styles, toy_world
-from flatlora_diffusion.toyworld.world_metrics import load_shape_classifier
+from flatlora_diffusion.toyworld.world_metrics import load_shape_classifier, measure
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,21 @@ def test_subject_task_scores_ground_truth(classifier):
     overfit = dict(images, out=_draw([tasks.Prompted("", ("yellow", "star", "purple"))] * 24, 8, False))
     scores = task.score(sets, overfit, classifier)
     assert scores["fidelity_out"] == 1.0 and scores["adherence"] == 0.0 and scores["leak"] == 1.0
+
+
+def test_subject_in_contexts_trains_on_three_backgrounds_and_scores_ground_truth(classifier, tmp_path):
+    task = tasks.get_task("subject_contexts")
+    images, captions = task.training_images()
+    assert len(images) == 12 and sorted(set(captions)) == [
+        f"a yellow sks on a {b} background" for b in ("blue", "purple", "white")]
+    assert [m.shape for m in measure(images, classifier)].count("star") >= 11  # the instance images are stars
+    sets = task.prompt_sets(6, 24, 12)
+    assert {p.combo[2] for p in sets["in"]} == {"purple", "white", "blue"}
+    assert all(c != "yellow" and b not in ("purple", "white", "blue") for c, _, b in (p.combo for p in sets["out"]))
+    drawn = {name: _draw(sets[name], 7, False) for name in ("in", "out", "prior")}
+    assert task.score(sets, drawn, classifier)["joint_out"] == 1.0
+    on_white = dict(drawn, out=_draw([tasks.Prompted("", ("green", "star", "white"))] * 24, 8, False))
+    assert task.score(sets, on_white, classifier)["leak"] == 1.0  # a trained background counts as a leak
 
 
 def test_training_folder_has_captions(tmp_path):
