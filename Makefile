@@ -20,9 +20,13 @@ model: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole protocol (issue 15): 4 sigmas x 5 seeds x 6 lengths (25-800 steps), two processes; see docs/EVALUATION.md.
+# The whole protocol (issue 15), two processes; see docs/EVALUATION.md. The sweep: 4 sigmas x 5 seeds x
+# 6 lengths (25-800 steps), constant sigma (one resumed run per curve); then the paper's cosine ramp
+# at its SDXL sigma 0.1 (one run per length) against plain LoRA, 5 seeds, the same lengths.
 eval: setup
 	$(PY) -m flatlora_diffusion.evaluation.dreambooth --seeds 5 --sigmas 0 0.05 0.1 0.2 --jobs 2 --out docs/eval
+	$(PY) -m flatlora_diffusion.evaluation.dreambooth --seeds 5 --sigmas 0 0.1 --flat_schedule cosine --jobs 2 \
+		--out docs/eval_cosine --work outputs/eval_cosine
 
 pilot: setup
 	$(PY) -m flatlora_diffusion.evaluation.pilot --task style --out docs/eval/pilot_results.json
