@@ -204,14 +204,18 @@ def describe_run(task, recipe: Recipe, sizes: Sizes, model_dir: Path) -> dict:
             "commit": code_commit()}
 
 
-def code_commit() -> str:
-    """The git commit of the code that ran (with "+changes" when its checkout was edited), or "unknown"."""
+def code_commit(here: Path | None = None) -> str:
+    """The git commit of the code that ran (with "+changes" when its code was edited), or "unknown".
+
+    Only the package and the training script count: a sweep rewriting docs/eval is not a code change.
+    """
     import subprocess
 
-    here = Path(__file__).resolve().parent
+    here = here or Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/flatlora_diffusion", ":/train_dreambooth_flat.py"], cwd=here,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

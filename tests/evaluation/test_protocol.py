@@ -153,3 +153,25 @@ def test_pilot_refuses_lengths_that_do_not_increase(capsys):
     with pytest.raises(SystemExit) as stop:
         pilot.main(["--lengths", "200", "100"])
     assert stop.value.code == 2 and "lengths must be increasing" in capsys.readouterr().err
+
+
+def test_the_recorded_commit_marks_code_changes_not_result_files(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "flatlora_diffusion").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "flatlora_diffusion" / "code.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "REPORT.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    here = tmp_path / "flatlora_diffusion"
+    clean = protocol.code_commit(here)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "docs" / "REPORT.md").write_text("a sweep's new results\n")
+    assert protocol.code_commit(here) == clean
+    (tmp_path / "flatlora_diffusion" / "code.py").write_text("x = 2\n")
+    assert protocol.code_commit(here) == clean + "+changes"
