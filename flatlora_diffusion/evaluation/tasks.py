@@ -126,7 +126,8 @@ class StyleTask:
 class SubjectTask:
     name = "subject"
     subject_shape = "star"
-    colour, background = "yellow", "purple"
+    colour = "yellow"
+    backgrounds: tuple[str, ...] = ("purple",)  # the instance images' contexts
     instance_count = 5
     data_seed = 123
 
@@ -134,13 +135,15 @@ class SubjectTask:
         colour, _, background = combo
         return f"a {colour} {TOKEN} on a {background} background"
 
+    def instance_combos(self) -> list[toy_world.Combo]:
+        return [(self.colour, self.subject_shape, b) for b in self.backgrounds]
+
     def is_training_context(self, m: Measurement) -> bool:
-        """The measured image shows the instance images' colour or background (a leak when not asked)."""
-        return m.colour == self.colour or m.background == self.background
+        """The measured image shows the instance images' colour or a background of theirs (a leak when not asked)."""
+        return m.colour == self.colour or m.background in self.backgrounds
 
     def training_scenes(self) -> list[toy_world.Scene]:
-        return toy_world.sample_scenes(self.data_seed, self.instance_count,
-                                       [(self.colour, self.subject_shape, self.background)])
+        return toy_world.sample_scenes(self.data_seed, self.instance_count, self.instance_combos())
 
     def training_images(self) -> tuple[np.ndarray, list[str]]:
         scenes = self.training_scenes()
@@ -148,11 +151,11 @@ class SubjectTask:
 
     def out_combos(self) -> list[toy_world.Combo]:
         return [(c, self.subject_shape, b) for c in toy_world.COLOURS for b in toy_world.COLOURS
-                if c != b and c != self.colour and b != self.background]
+                if c != b and c != self.colour and b not in self.backgrounds]
 
     def prompt_sets(self, n_in: int, n_out: int, n_prior: int) -> dict[str, list[Prompted]]:
-        instance = (self.colour, self.subject_shape, self.background)
-        return {"in": [Prompted(self.prompt(instance), instance)] * n_in,
+        combos = self.instance_combos()
+        return {"in": [Prompted(self.prompt(combos[i % len(combos)]), combos[i % len(combos)]) for i in range(n_in)],
                 "out": [Prompted(self.prompt(c), c) for c in _pick(self.out_combos(), n_out, PROMPT_SEED)],
                 "prior": prior_prompts(n_prior)}
 
@@ -170,30 +173,16 @@ class SubjectTask:
 
 
 class SubjectInContextsTask(SubjectTask):
+    """The same star in several contexts: a fixed number of images per background (drawn in order)."""
+
     name = "subject_contexts"
     backgrounds = ("purple", "white", "blue")
     images_per_background = 4
-
-    def instance_combos(self) -> list[toy_world.Combo]:
-        return [(self.colour, self.subject_shape, b) for b in self.backgrounds]
 
     def training_scenes(self) -> list[toy_world.Scene]:
         rng = np.random.default_rng(self.data_seed)
         return [toy_world.sample_scene(rng, [combo]) for combo in self.instance_combos()
                 for _ in range(self.images_per_background)]
-
-    def out_combos(self) -> list[toy_world.Combo]:
-        return [(c, self.subject_shape, b) for c in toy_world.COLOURS for b in toy_world.COLOURS
-                if c != b and c != self.colour and b not in self.backgrounds]
-
-    def prompt_sets(self, n_in: int, n_out: int, n_prior: int) -> dict[str, list[Prompted]]:
-        sets = super().prompt_sets(n_in, n_out, n_prior)
-        combos = self.instance_combos()
-        sets["in"] = [Prompted(self.prompt(combos[i % len(combos)]), combos[i % len(combos)]) for i in range(n_in)]
-        return sets
-
-    def is_training_context(self, m: Measurement) -> bool:
-        return m.colour == self.colour or m.background in self.backgrounds
 
 
 TASKS = {"style": StyleTask, "subject": SubjectTask, "subject_contexts": SubjectInContextsTask}
